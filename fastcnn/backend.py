@@ -1,0 +1,108 @@
+"""Which implementation runs the fused ops: backend selection and availability.
+
+Backends:
+  * ``triton``    -- Triton kernels in ``kernels/`` (GPU, or CPU under ``TRITON_INTERPRET=1``)
+  * ``cuda``      -- the C++/CUDA extension ``fastcnn._C`` on CUDA tensors
+  * ``cpu``       -- the C++ extension ``fastcnn._C`` on CPU tensors
+  * ``reference`` -- plain PyTorch ops (what ``fused=False`` computes), for checking
+  * ``auto``      -- per op and device, the fastest built backend (``AUTO_ORDER``); never
+                     ``reference``: asking for fused ops that nothing implements is an error.
+
+``set_backend(name)`` sets it process-wide, ``use_backend(name)`` for a ``with`` block.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+
+#: Order tried by ``auto`` for each device type. See README "Backends" for the reasoning.
+AUTO_ORDER = {
+    "cuda": ("triton", "cuda"),
+    "cpu": ("cpu", "triton"),
+}
+
+#: Python module implementing each op for each non-reference backend.
+BACKEND_MODULES = {
+    "triton": "fastcnn.ops.triton_backend",
+    "cuda": "fastcnn.ops.extension_backend",
+    "cpu": "fastcnn.ops.extension_backend",
+    "reference": "fastcnn.ops.reference",
+}
+
+_state = threading.local()
+_default = os.environ.get("FASTCNN_BACKEND", "auto")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A fused op was asked of a backend that is not built or cannot run on this device."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide backend for fused ops."""
+    global _default
+    _default = _check_name(name)
+
+
+def get_backend() -> str:
+    return getattr(_state, "override", None) or _default
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with fastcnn.use_backend("cpu"): ...`` -- temporarily choose the backend."""
+    _check_name(name)
+    previous = getattr(_state, "override", None)
+    _state.override = name
+    try:
+        yield
+    finally:
+        _state.override = previous
+
+
+def _module(backend: str):
+    return importlib.import_module(BACKEND_MODULES[backend])
+
+
+def unavailable_reason(backend: str, op: str, device_type: str) -> str | None:
+    """None if ``backend`` can run ``op`` on ``device_type``, else a one-line reason."""
+    try:
+        mod = _module(backend)
+    except ImportError as e:  # the backend's own dependency is missing
+        return f"{backend}: {e}"
+    reason = mod.unavailable_reason(op, device_type, backend)
+    return reason
+
+
+def available_backends(op: str, device_type: str) -> list[str]:
+    return [b for b in BACKENDS[1:] if unavailable_reason(b, op, device_type) is None]
+
+
+def resolve(op: str, device_type: str):
+    """Return ``(backend_name, implementation)`` for ``op`` on ``device_type`` or raise a
+    ``BackendUnavailableError`` that says what is missing and what is available."""
+    wanted = get_backend()
+    candidates = AUTO_ORDER.get(device_type, ()) if wanted == "auto" else (wanted,)
+    reasons = []
+    for backend in candidates:
+        reason = unavailable_reason(backend, op, device_type)
+        if reason is None:
+            return backend, getattr(_module(backend), op)
+        reasons.append(reason)
+    avail = available_backends(op, device_type)
+    raise BackendUnavailableError(
+        f"fused op {op!r} on {device_type} with backend {wanted!r} is not available: "
+        + "; ".join(reasons or [f"no backend is known for device type {device_type!r}"])
+        + f". Available for this op and device: {', '.join(avail) or 'none'}. "
+        "Build the extension with `pip install -e .`, install Triton (CPU runs need "
+        "TRITON_INTERPRET=1), pick another with fastcnn.set_backend(...), or use fused=False."
+    )

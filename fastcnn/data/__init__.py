@@ -1,0 +1,1 @@
+"""Datasets and the on-device data pipeline for training."""

@@ -1,0 +1,21 @@
+"""Shared building blocks of the zoo; each has a reference and a fused path (``fused=True``)."""
+from torch import nn
+
+from .activations import create_act, fused_act_name, list_activations, FUSED_ACTIVATIONS
+from .conv_bn_act import BnAct, BnActConv, ConvAct, ConvBnAct
+from .squeeze_excite import SqueezeExcite
+
+FUSABLE_LAYERS = (ConvBnAct, BnAct, BnActConv, ConvAct, SqueezeExcite)
+
+
+def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
+    """Switch every fusable layer of ``model`` to the fused (or reference) path, in place.
+    Parameters and buffers are untouched, so the state_dict stays the same."""
+    for m in model.modules():
+        if isinstance(m, FUSABLE_LAYERS):
+            m.fused = bool(fused)
+    return model
+
+
+__all__ = ["create_act", "fused_act_name", "list_activations", "FUSED_ACTIVATIONS", "ConvBnAct",
+           "BnAct", "BnActConv", "ConvAct", "SqueezeExcite", "set_fused", "FUSABLE_LAYERS"]

@@ -1,0 +1,2 @@
+"""The model zoo, one module per family; each variant registers itself with
+:func:`fastcnn.registry.register_model`."""

@@ -1,0 +1,1 @@
+"""Triton kernels of fastcnn (installed as ``fastcnn.kernels``): one file per fused op."""

@@ -1,0 +1,157 @@
+"""Build fastcnn and its extension ``fastcnn._C``.
+
+Environment variables (the FlashAttention convention: the build says what it does and why):
+  FASTCNN_CUDA=1|0      force / skip the CUDA sources (default: build them when the installed
+                        torch is a CUDA build and nvcc is found)
+  FASTCNN_CUDA_ARCH     CUDA architectures, default "9.0+PTX" (H100/H200, PTX for newer);
+                        same syntax as TORCH_CUDA_ARCH_LIST, which is honoured if set
+  FASTCNN_NO_EXT=1      skip the extension entirely (pure-Python install)
+  MAX_JOBS              parallel compile jobs (torch's own variable)
+
+The extension is built against the torch of the environment it is installed into, so that
+its ABI matches at run time; ``pip install --no-build-isolation -e .`` is the fast path.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+import sysconfig
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def say(msg: str) -> None:
+    print(f"fastcnn setup: {msg}", file=sys.stderr)
+
+
+def fail(msg: str) -> None:
+    """One actionable line instead of a traceback from deep inside setuptools."""
+    sys.stderr.write(f"\nfastcnn setup error: {msg}\n\n")
+    raise SystemExit(1)
+
+
+def import_torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        # pip's build isolation hides the target environment; the extension must be built
+        # against *that* torch (ABI), so look there before giving up.
+        purelib = sysconfig.get_paths()["purelib"]
+        if purelib not in sys.path:
+            sys.path.append(purelib)
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            fail("PyTorch is not installed in this environment. Install it first "
+                 "(e.g. `pip install torch`), then `pip install --no-build-isolation -e .`; "
+                 "or set FASTCNN_NO_EXT=1 for a pure-Python install.")
+    import torch
+
+    return torch
+
+
+def find_cuda_home() -> None:
+    """torch guesses CUDA_HOME from ``which nvcc`` (here /usr/local/bin/nvcc -> /usr/local,
+    which has no CUDA headers); point it at the real toolkit before torch reads it."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) and \
+                os.path.exists(os.path.join(home, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+def want_cuda(torch) -> bool:
+    flag = os.environ.get("FASTCNN_CUDA", "").strip()
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
+    if flag == "0":
+        say("FASTCNN_CUDA=0: skipping the CUDA sources")
+        return False
+    if flag == "1":
+        if torch.version.cuda is None:
+            fail(f"FASTCNN_CUDA=1 but torch {torch.__version__} is a CPU build; install a CUDA build of torch.")
+        if not nvcc:
+            fail("FASTCNN_CUDA=1 but nvcc was not found; install the CUDA toolkit or set CUDA_HOME.")
+        return True
+    if torch.version.cuda is None:
+        say(f"torch {torch.__version__} is a CPU build: building the CPU kernels only")
+        return False
+    if not nvcc:
+        say("nvcc not found (set CUDA_HOME): building the CPU kernels only")
+        return False
+    say(f"torch {torch.__version__} (CUDA {torch.version.cuda}) and nvcc found: building CPU and CUDA kernels")
+    return True
+
+
+def pip_cuda_include_dirs() -> list[str]:
+    """Headers that torch's CUDA headers include (cuSPARSE, cuBLAS, ...) ship in pip's
+    ``nvidia`` packages; add them so no one has to set paths by hand."""
+    dirs = []
+    for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        dirs += glob.glob(os.path.join(base, "nvidia", "cu*", "include"))
+        dirs += glob.glob(os.path.join(base, "nvidia", "*", "include"))
+    return sorted(set(d for d in dirs if os.path.isdir(d)))
+
+
+def extensions():
+    if os.environ.get("FASTCNN_NO_EXT") == "1":
+        say("FASTCNN_NO_EXT=1: installing without the extension")
+        return [], {}
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        fail("no C++ compiler found (c++); install one (e.g. `apt-get install g++`) or set CXX.")
+    find_cuda_home()
+    torch = import_torch()
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    extra = {"cxx": ["-O3"]}  # torch's build helper picks the C++ standard it needs
+    define_macros = []
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if want_cuda(torch):
+        arch = os.environ.get("FASTCNN_CUDA_ARCH") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "9.0+PTX"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+        say(f"CUDA architectures: {arch}")
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define_macros.append(("WITH_CUDA", None))
+        include_dirs += pip_cuda_include_dirs()
+        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo",
+                         "--expt-relaxed-constexpr"]
+        ext_cls = CUDAExtension
+    else:
+        ext_cls = CppExtension
+    ext = ext_cls("fastcnn._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+                  extra_compile_args=extra)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="fastcnn",
+    version="0.1.0",
+    description="Classic CIFAR-class CNNs with fused Triton and C++/CUDA kernels",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastcnn", "fastcnn.layers", "fastcnn.models", "fastcnn.ops", "fastcnn.data",
+              "fastcnn.kernels"],
+    package_dir={"fastcnn.kernels": "kernels"},
+    install_requires=["torch>=2.11", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "test": ["pytest", "pytest-benchmark", "pillow", "triton>=3.6"],
+        "train": ["pillow", "matplotlib", "tqdm"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
