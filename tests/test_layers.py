@@ -1,0 +1,132 @@
+"""Shared layers: the fused path (run here on the reference backend, so only the plumbing is
+tested: BN step counting, momentum, autocast, residual, custom activations) equals the
+reference path, and both paths share one state_dict."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fastcnn
+from fastcnn.layers import BnAct, BnActConv, ConvAct, ConvBnAct, SqueezeExcite, create_act, set_fused
+
+
+def _pair(layer):
+    ref = layer
+    fused = set_fused(copy.deepcopy(layer), True)
+    return ref, fused
+
+
+def _randomise_bn(m):
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.normal_()
+            mod.running_mean.normal_()
+            mod.running_var.uniform_(0.5, 2.0)
+
+
+LAYERS = [
+    lambda: ConvBnAct(3, 6, 3, stride=2),
+    lambda: ConvBnAct(4, 8, 3, groups=2, act="silu"),
+    lambda: ConvBnAct(3, 5, 1, bias=True, act="leaky_relu", bn_momentum=None),
+    lambda: BnAct(5, act="elu"),
+    lambda: BnActConv(5, 7, 3, stride=1),
+    lambda: ConvAct(3, 6, 5, padding=2, act="gelu"),
+    lambda: SqueezeExcite(8, reduction=4, out_act="relu"),
+]
+
+
+def _in_chs(layer):
+    first = next(m for m in layer.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)))
+    return getattr(first, "in_channels", None) or getattr(first, "num_features", None) or first.in_features
+
+
+@pytest.mark.parametrize("make", LAYERS)
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_plumbing_matches_reference(make, train):
+    ref, fused = _pair(make())
+    _randomise_bn(ref)
+    fused.load_state_dict(ref.state_dict())
+    ref.train(train)
+    fused.train(train)
+    x = torch.randn(2, _in_chs(ref), 9, 9)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with fastcnn.use_backend("reference"):
+        for _ in range(2):  # two steps: running stats and num_batches_tracked accumulate
+            yr, yf = ref(xr), fused(xf)
+    torch.testing.assert_close(yf, yr)
+    g = torch.randn_like(yr)
+    yr.backward(g)
+    yf.backward(g)
+    torch.testing.assert_close(xf.grad, xr.grad)
+    for (n, pr), (_, pf) in zip(ref.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(pf.grad, pr.grad, msg=n)
+    for (n, br), (_, bf) in zip(ref.named_buffers(), fused.named_buffers()):
+        torch.testing.assert_close(bf, br, msg=n)
+
+
+def test_residual_goes_before_activation():
+    layer = ConvBnAct(4, 4, 3)
+    x, res = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    expect = torch.relu(layer.bn(layer.conv(x)) + res)
+    torch.testing.assert_close(layer(x, residual=res), expect)
+    set_fused(layer, True)
+    with fastcnn.use_backend("reference"):
+        torch.testing.assert_close(layer(x, residual=res), torch.relu(layer.bn(layer.conv(x)) + res), rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_keys_identical():
+    a = ConvBnAct(3, 4)
+    b = ConvBnAct(3, 4, fused=True)
+    assert list(a.state_dict()) == list(b.state_dict())
+    b.load_state_dict(a.state_dict())
+
+
+def test_custom_activation_falls_back_with_one_warning():
+    custom = lambda x: 1.3 * torch.sigmoid(x) * x  # noqa: E731  (SimpleNet-Keras example)
+    ref = ConvBnAct(3, 4, act=custom)
+    fused = set_fused(copy.deepcopy(ref), True)
+    x = torch.randn(2, 3, 5, 5)
+    with fastcnn.use_backend("reference"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1 = fused(x)
+        fused(x)
+    msgs = [str(w.message) for w in caught if "no fused kernel" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    torch.testing.assert_close(y1, ref(x))
+
+
+def test_autocast_bf16_fused_path_runs_in_bf16():
+    layer = ConvBnAct(3, 4, fused=True)
+    x = torch.randn(2, 3, 6, 6)
+    with fastcnn.use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    ref = ConvBnAct(3, 4)
+    ref.load_state_dict(layer.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yr = ref(x)
+    torch.testing.assert_close(y.float(), yr.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "elu", "silu", "gelu", "mish", "tanh", "identity"])
+def test_activation_names(name):
+    act = create_act(name)
+    x = torch.randn(10)
+    assert act(x).shape == x.shape
+
+
+def test_activation_errors():
+    with pytest.raises(ValueError, match="unknown activation 'rellu'. Did you mean relu"):
+        create_act("rellu")
+    with pytest.raises(TypeError, match="not a module instance"):
+        create_act(nn.ReLU())
+    with pytest.raises(TypeError, match="act must be a string"):
+        create_act(3)
+
+
+def test_activation_class_and_factory():
+    assert isinstance(create_act(nn.SiLU), nn.SiLU)
+    assert isinstance(create_act(lambda: nn.Hardswish()), nn.Hardswish)
