@@ -40,9 +40,9 @@ def import_torch():
     except ImportError:
         # pip's build isolation hides the target environment; the extension must be built
         # against *that* torch (ABI), so look there before giving up.
-        purelib = sysconfig.get_paths()["purelib"]
-        if purelib not in sys.path:
-            sys.path.append(purelib)
+        import site
+
+        site.addsitedir(sysconfig.get_paths()["purelib"])  # appended: the build's own tools win
         try:
             import torch  # noqa: F401
         except ImportError:
