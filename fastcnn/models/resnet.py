@@ -1,0 +1,104 @@
+"""CIFAR ResNets of He et al. (arXiv 1512.03385, section 4.2): a 3x3 stem with 16 channels,
+three stages of ``n`` basic blocks (16/32/64 channels), global average pool and a linear
+classifier; depth = 6n + 2. Shortcuts are option A (parameter-free: subsample with the stride
+and zero-pad the new channels), which gives the 0.27M / 0.46M / 0.85M / 1.7M counts of the
+paper.
+
+Each block is two :class:`ConvBnAct` units; the second computes ``act(BN(conv(x)) + shortcut)``
+through its ``residual=`` argument, so the fused kernel takes the add and the ReLU into its
+epilogue.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import ConvBnAct
+from ..registry import register_model
+
+
+class ShortcutA(nn.Module):
+    """Option-A identity shortcut: ``x[:, :, ::s, ::s]`` zero-padded to ``out_chs`` channels."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int):
+        super().__init__()
+        self.stride, self.pad = stride, out_chs - in_chs
+
+    def forward(self, x):
+        if self.stride > 1:
+            x = x[:, :, ::self.stride, ::self.stride]
+        if self.pad:
+            x = F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return x
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, act="relu"):
+        super().__init__()
+        self.conv1 = ConvBnAct(in_chs, out_chs, 3, stride, act=act)
+        self.conv2 = ConvBnAct(out_chs, out_chs, 3, 1, act=act)
+        if stride != 1 or in_chs != out_chs:
+            self.shortcut = ShortcutA(in_chs, out_chs, stride)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x):
+        return self.conv2(self.conv1(x), residual=self.shortcut(x))
+
+
+def init_he(model: nn.Module) -> None:
+    """He (Kaiming) normal init of the convolutions, as the ResNet papers do; BN to (1, 0)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int, num_classes: int = 10, in_chans: int = 3, act="relu",
+                 widths=(16, 32, 64)):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.stem = ConvBnAct(in_chans, widths[0], 3, act=act)
+        blocks, chs = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(n):
+                blocks.append(BasicBlock(chs, w, 2 if (i > 0 and j == 0) else 1, act))
+                chs = w
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(chs, num_classes)
+        init_he(self)
+
+    def forward(self, x):
+        x = self.pool(self.blocks(self.stem(x))).flatten(1)
+        return self.fc(x)
+
+
+_SRC = "He et al., arXiv 1512.03385 (CIFAR, option A); BIGBALLON/cifar-10-cnn"
+
+
+@register_model(params=269_722, reported="CIFAR-10 91.82% (BIGBALLON/cifar-10-cnn)", source=_SRC)
+def resnet20(num_classes=10, in_chans=3, act="relu"):
+    return CifarResNet(20, num_classes, in_chans, act)
+
+
+@register_model(params=464_154, reported="CIFAR-10 92.68% (BIGBALLON/cifar-10-cnn)", source=_SRC)
+def resnet32(num_classes=10, in_chans=3, act="relu"):
+    return CifarResNet(32, num_classes, in_chans, act)
+
+
+@register_model(params=853_018, reported="not reported by the seeds", source=_SRC)
+def resnet56(num_classes=10, in_chans=3, act="relu"):
+    return CifarResNet(56, num_classes, in_chans, act)
+
+
+@register_model(params=1_727_962, reported="CIFAR-10 93.93% (BIGBALLON/cifar-10-cnn)", source=_SRC)
+def resnet110(num_classes=10, in_chans=3, act="relu"):
+    return CifarResNet(110, num_classes, in_chans, act)
