@@ -11,10 +11,10 @@ Front door::
 __version__ = "0.1.0"
 
 from .backend import BACKENDS, BackendUnavailableError, get_backend, set_backend, use_backend
-from .info import info
+from .environment import info
 from .layers import set_fused
 from .registry import create_model, list_models, model_info, register_model
-from .summary import summary
+from .model_summary import summary
 
 __all__ = ["create_model", "list_models", "model_info", "register_model", "summary", "info",
            "set_backend", "get_backend", "use_backend", "set_fused", "BACKENDS",

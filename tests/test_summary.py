@@ -20,3 +20,15 @@ def test_summary_restores_fused_and_mode():
     net.train()
     fastcnn.summary(net, input_size=(3, 5, 5), print_out=False)
     assert net[0].fused and net.training
+
+
+def test_zoo_cli_markdown_and_bad_name():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "fastcnn.zoo", "--markdown", "resnet20", "lenet5"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "| `resnet20` | 269,722 |" in res.stdout and "| `lenet5` | 62,006 |" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "fastcnn.zoo", "resnet2"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "unknown model 'resnet2'" in res.stderr and "resnet20" in res.stderr
