@@ -7,7 +7,12 @@ import importlib
 import os
 
 #: op name -> module of ``fastcnn.kernels`` that implements it (a function of the same name)
-KERNEL_MODULES: dict[str, str] = {}
+KERNEL_MODULES: dict[str, str] = {
+    "conv_act": "conv_act",
+    "bn_act": "bn_act",
+    "conv_bn_act": "conv_bn_act",
+    "se_block": "se_block",
+}
 
 
 def interpreter_mode() -> bool:

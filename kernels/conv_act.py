@@ -1,0 +1,119 @@
+"""``conv_act``: ``act(conv(x, w) + bias [+ residual])`` -- the layer without BN (All-CNN-C,
+LeNet, ShatheNet; ``BnActConv``'s convolution with ``act="identity"``).
+
+Design
+------
+* Forward: one launch of the implicit-GEMM kernel of :mod:`.conv_gemm` whose epilogue adds
+  the bias and the residual, applies the activation and writes ``y`` (NHWC, the input dtype,
+  returned as a channels_last ``(N, C, H, W)`` tensor).
+* Saved for backward: the input (NHWC) and the weight, plus
+  - the output ``y`` alone when the activation's derivative follows from ``y``'s sign
+    (identity, relu, leaky_relu with slope >= 0, elu with alpha > 0), or
+  - for silu / gelu (not invertible): the pre-residual conv output ``z`` (written by the
+    same launch) and a reference to the residual, so ``v = z + residual`` is recomputed.
+* Backward: one elementwise kernel ``du = dy * act'(.)`` that also reduces the bias
+  gradient per channel (fp32 partials per row block, summed once; skipped entirely for
+  identity without bias, where ``du = dy``); then the input-gradient and weight-gradient
+  implicit GEMMs of :mod:`.conv_gemm`. No cuDNN call.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .activations import act_code, act_grad, act_grad_from_out, grad_from_output
+from .conv_gemm import conv_dgrad, conv_fwd, conv_geom, conv_wgrad
+from .utils import from_nhwc, interpreting, pow2, to_nhwc
+
+
+@triton.jit
+def _act_bwd_kernel(dy_ptr, src_ptr, res_ptr, du_ptr, psum_ptr, M, C, act_param,
+                    ACT: tl.constexpr, FROM_OUT: tl.constexpr, HAS_RES: tl.constexpr,
+                    STORE_DU: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    mask = (rows < M)[:, None] & c_ok[None, :]
+    off = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    du = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    if ACT != 0:
+        s = tl.load(src_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        if FROM_OUT:
+            du = du * act_grad_from_out(s, act_param, ACT)
+        else:
+            if HAS_RES:
+                s += tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            du = du * act_grad(s, act_param, ACT)
+    if STORE_DU:
+        tl.store(du_ptr + off, du.to(du_ptr.dtype.element_ty), mask=mask)
+    if BIAS_GRAD:
+        tl.store(psum_ptr + pid_m * C + cols, tl.sum(tl.where(mask, du, 0.0), axis=0), mask=c_ok)
+
+
+def _blocks_2d(m, c):
+    bc = pow2(c, 16, 64)
+    bm = pow2(m, 16, 8192 // bc if interpreting() else 4096 // bc)
+    return bm, bc
+
+
+def act_backward(dy, src, residual, act, act_param, *, from_out, bias_grad):
+    """(du, bias_grad or None) for NHWC ``dy``; ``src`` is y (``from_out``) or z."""
+    m, c = dy.numel() // dy.shape[-1], dy.shape[-1]
+    store_du = act != "identity"
+    if not store_du and not bias_grad:
+        return dy, None
+    bm, bc = _blocks_2d(m, c)
+    t = triton.cdiv(m, bm)
+    du = torch.empty_like(dy) if store_du else dy
+    psum = torch.empty((t, c), device=dy.device, dtype=torch.float32) if bias_grad else dy
+    _act_bwd_kernel[(t, triton.cdiv(c, bc))](
+        dy, src if src is not None else dy, residual if residual is not None else dy, du, psum,
+        m, c, float(act_param), ACT=act_code(act), FROM_OUT=from_out, HAS_RES=residual is not None,
+        STORE_DU=store_du, BIAS_GRAD=bias_grad, BLOCK_M=bm, BLOCK_C=bc)
+    return du, (psum.sum(0) if bias_grad else None)
+
+
+class _ConvActFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, cfg):
+        stride, padding, dilation, groups, act, act_param = cfg
+        geom = conv_geom(x.shape, weight.shape, stride, padding, dilation, groups)
+        xh = to_nhwc(x)
+        rh = to_nhwc(residual)
+        need_grad = any(ctx.needs_input_grad[:4])
+        from_out = grad_from_output(act, act_param)
+        out = conv_fwd(xh, weight, bias, geom, residual=rh, act=act, act_param=act_param,
+                       store_z=need_grad and not from_out)
+        ctx.geom, ctx.act, ctx.act_param, ctx.from_out = geom, act, act_param, from_out
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        if need_grad:
+            if from_out:
+                ctx.save_for_backward(xh, weight, out.y, None)
+            else:
+                ctx.save_for_backward(xh, weight, out.z, rh)
+        return from_nhwc(out.y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xh, weight, src, rh = ctx.saved_tensors
+        gm = ctx.geom
+        dyh = to_nhwc(dy.to(xh.dtype))
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        du, db = act_backward(dyh, src, None if ctx.from_out else rh, ctx.act, ctx.act_param,
+                              from_out=ctx.from_out, bias_grad=ctx.has_bias and need_b)
+        dx = from_nhwc(conv_dgrad(du, weight, gm)) if need_x else None
+        dw = conv_wgrad(xh, du, gm, weight.dtype) if need_w else None
+        dres = from_nhwc(du) if need_r else None
+        return dx, dw, (db.to(ctx.bias_dtype) if db is not None else None), dres, None
+
+
+def conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act="relu",
+             act_param=0.0, residual=None):
+    """Same signature and result as :func:`fastcnn.ops.reference.conv_act`."""
+    return _ConvActFn.apply(x, weight, bias, residual,
+                            (tuple(stride), tuple(padding), tuple(dilation), int(groups), act, float(act_param)))

@@ -1,0 +1,450 @@
+"""Implicit-GEMM convolution kernels shared by the fused ops: forward (with a fused
+epilogue), input gradient and weight gradient. NHWC activations, fp32 accumulation,
+fp32 / fp16 / bf16 operands, any kernel size, stride, padding, dilation and ``groups``.
+
+Design
+------
+* **Forward** ``z = conv(x, w) + bias`` as a GEMM per group ``g`` (third grid axis):
+  rows = output pixels ``N*OH*OW`` (BLOCK_M), columns = the group's output channels
+  (BLOCK_N), reduction = ``KH*KW*CIN_G`` walked as one flat loop over (tap, channel block)
+  of BLOCK_K. The A tile is gathered straight from NHWC ``x`` (one row = the BLOCK_K
+  contiguous channels of one input pixel; out-of-image taps are masked to 0, so padding
+  costs nothing); the B tile comes from the weight repacked once per call as
+  ``[G, KH, KW, CIN_G, COUT_G]``. Groups are never densified or looped over in Python.
+  The epilogue, all in fp32 registers, can in one launch: add the conv bias; store ``z``;
+  reduce per-channel batch statistics of ``z`` for the tile (count, mean and centred sum of
+  squares ``M2`` -- combined later with Chan's parallel formula, so no ``E[z^2]-E[z]^2``
+  cancellation); apply eval-mode BN from the running statistics; add a residual; apply the
+  activation and store ``y``.
+* **Input gradient** ``dx = conv_transpose(dz, w)``: rows = input pixels ``N*H*W``, columns
+  = the group's input channels, reduction over (tap, output-channel block) with the weight
+  repacked as ``[G, KH, KW, COUT_G, CIN_G]``. A tap contributes where
+  ``(ih + pad - kh*dil)`` is a non-negative multiple of the stride inside the output; for
+  stride 2 three quarters of the gathered rows are masked (simple, correct; only the few
+  downsampling layers pay it).
+* **Weight gradient** ``dw[co, ci, kh, kw] = sum_p dz[p, co] * x[tap(p, kh, kw), ci]``: one
+  GEMM per (group, tap) over all output pixels ``p``; the pixel reduction is split
+  ``SPLIT_K`` ways (chosen on the host from the tile count) into fp32 partial buffers that
+  one ``sum`` adds up -- deterministic, no atomics.
+
+Nothing here saves tensors for backward; the ops' autograd Functions decide that. No
+cuDNN call is used: every convolution of the fused ops is one of these kernels.
+
+Tile configs are autotuned on GPU (keyed on the GEMM shape); under ``TRITON_INTERPRET=1``
+one fixed config is used (the interpreter's timings mean nothing).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .activations import act_code, apply_act
+from .utils import dot_precision, interpreting, num_sms, pow2, upcast_dot
+
+
+@dataclass(frozen=True)
+class ConvGeom:
+    n: int
+    h: int
+    w: int
+    c: int
+    cout: int
+    kh: int
+    kw: int
+    oh: int
+    ow: int
+    groups: int
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+
+    @property
+    def cin_g(self) -> int:
+        return self.c // self.groups
+
+    @property
+    def cout_g(self) -> int:
+        return self.cout // self.groups
+
+    @property
+    def m(self) -> int:
+        return self.n * self.oh * self.ow
+
+
+def conv_geom(x_shape, w_shape, stride, padding, dilation, groups) -> ConvGeom:
+    n, c, h, w = x_shape
+    cout, _, kh, kw = w_shape
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return ConvGeom(n, h, w, c, cout, kh, kw, oh, ow, groups, tuple(stride), tuple(padding), tuple(dilation))
+
+
+# --------------------------------------------------------------------------- configs
+
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+_GPU_CONFIGS = [
+    _cfg(128, 128, 32, 8, 3),
+    _cfg(128, 64, 32, 4, 4),
+    _cfg(64, 128, 32, 4, 4),
+    _cfg(64, 64, 32, 4, 4),
+    _cfg(128, 32, 32, 4, 4),
+    _cfg(64, 32, 32, 4, 4),
+    _cfg(128, 64, 64, 8, 3),
+    _cfg(64, 64, 64, 4, 3),
+    _cfg(64, 16, 16, 2, 4),
+]
+_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _GPU_CONFIGS)
+
+
+def _prune(n_name, k_name):
+    """Drop configs whose N or K tile is more than twice the (padded) GEMM dimension."""
+
+    def prune(configs, nargs, **kwargs):
+        args = {**nargs, **kwargs}
+        n_max, k_max = pow2(args[n_name], 16, 128), pow2(args[k_name], 16, 64)
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_max and c.kwargs["BLOCK_K"] <= k_max]
+        return kept or configs[-1:]
+
+    return prune
+
+
+def _interp_blocks(m, n, k):
+    """The one config used under the interpreter: large tiles = few (slow) programs."""
+    return {"BLOCK_M": pow2(m, 16, 128), "BLOCK_N": pow2(n, 16, 64), "BLOCK_K": pow2(k, 16, 64)}
+
+
+# --------------------------------------------------------------------------- forward
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, z_ptr, y_ptr,
+    rm_ptr, rv_ptr, gamma_ptr, beta_ptr, pmean_ptr, pm2_ptr,
+    M, H, W, C, OH, OW, COUT, CIN_G, COUT_G,
+    SH, SW, PH, PW, DH, DW,
+    eps, act_param,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BN_EVAL: tl.constexpr, HAS_RES: tl.constexpr,
+    STORE_Z: tl.constexpr, STORE_Y: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    n64 = (t // OH).to(tl.int64)
+    ih0 = oh * SH - PH
+    iw0 = ow * SW - PW
+
+    offs_co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_mask = offs_co < COUT_G
+    offs_k = tl.arange(0, BLOCK_K)
+
+    w_g = w_ptr + g * (KH * KW * CIN_G * COUT_G)
+    x_c0 = g * CIN_G
+    n_cb = tl.cdiv(CIN_G, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, KH * KW * n_cb):
+        r = it // n_cb
+        ci = (it - r * n_cb) * BLOCK_K + offs_k
+        kh = r // KW
+        kw = r - kh * KW
+        ih = ih0 + kh * DH
+        iw = iw0 + kw * DW
+        row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_row = ((n64 * H + ih) * W + iw) * C + x_c0
+        k_ok = ci < CIN_G
+        a = tl.load(x_ptr + x_row[:, None] + ci[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_g + (r * CIN_G + ci)[:, None] * COUT_G + offs_co[None, :],
+                    mask=k_ok[:, None] & co_mask[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+    co = g * COUT_G + offs_co
+    mask = m_mask[:, None] & co_mask[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
+    out_off = offs_m.to(tl.int64)[:, None] * COUT + co[None, :]
+    if STORE_Z:
+        tl.store(z_ptr + out_off, acc.to(z_ptr.dtype.element_ty), mask=mask)
+    if STATS:
+        # statistics of z as stored (rounded to its dtype), like BN applied to conv's output
+        zr = acc.to(z_ptr.dtype.element_ty).to(tl.float32)
+        cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        t_mean = tl.sum(tl.where(mask, zr, 0.0), axis=0) / cnt
+        d = tl.where(mask, zr - t_mean[None, :], 0.0)
+        t_m2 = tl.sum(d * d, axis=0)
+        tl.store(pmean_ptr + pid_m * COUT + co, t_mean, mask=co_mask)
+        tl.store(pm2_ptr + pid_m * COUT + co, t_m2, mask=co_mask)
+    if STORE_Y:
+        v = acc
+        if BN_EVAL:
+            rm = tl.load(rm_ptr + co, mask=co_mask, other=0.0).to(tl.float32)
+            rv = tl.load(rv_ptr + co, mask=co_mask, other=1.0).to(tl.float32)
+            gam = tl.load(gamma_ptr + co, mask=co_mask, other=1.0).to(tl.float32)
+            bet = tl.load(beta_ptr + co, mask=co_mask, other=0.0).to(tl.float32)
+            scale = gam / tl.sqrt(rv + eps)
+            v = v * scale[None, :] + (bet - rm * scale)[None, :]
+        if HAS_RES:
+            v += tl.load(res_ptr + out_off, mask=mask, other=0.0).to(tl.float32)
+        v = apply_act(v, act_param, ACT)
+        tl.store(y_ptr + out_off, v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_conv_fwd_tuned = triton.autotune(
+    configs=_GPU_CONFIGS,
+    key=["M", "COUT_G", "CIN_G", "H", "W", "SH", "KH", "KW", "STATS", "STORE_Y", "BN_EVAL"],
+    prune_configs_by={"early_config_prune": _prune("COUT_G", "CIN_G")},
+)(_conv_fwd_kernel)
+
+
+@dataclass
+class FwdOut:
+    y: torch.Tensor | None  # NHWC
+    z: torch.Tensor | None  # NHWC, pre-BN conv output (+ bias)
+    pmean: torch.Tensor | None  # [tiles, COUT] fp32 per-tile means of z
+    pm2: torch.Tensor | None  # [tiles, COUT] fp32 per-tile centred sums of squares
+    block_m: int = 0  # rows per tile of the partial statistics
+
+
+def conv_fwd(x, weight, bias, geom: ConvGeom, *, residual=None, act="identity", act_param=0.0,
+             bn_eval=None, store_y=True, store_z=False, stats=False) -> FwdOut:
+    """One launch of the forward kernel. ``x``/``residual`` NHWC contiguous; ``bn_eval`` =
+    (running_mean, running_var, bn_weight, bn_bias, eps) folds eval-mode BN in."""
+    gm = geom
+    wt = weight.view(gm.groups, gm.cout_g, gm.cin_g, gm.kh, gm.kw).permute(0, 3, 4, 2, 1).contiguous()
+    out_shape = (gm.n, gm.oh, gm.ow, gm.cout)
+    y = torch.empty(out_shape, device=x.device, dtype=x.dtype) if store_y else None
+    z = torch.empty(out_shape, device=x.device, dtype=x.dtype) if (store_z or stats) else None
+    interp = interpreting()
+    blocks = _interp_blocks(gm.m, gm.cout_g, gm.cin_g) if interp else None
+    min_bm = blocks["BLOCK_M"] if interp else _MIN_BLOCK_M
+    tiles = triton.cdiv(gm.m, min_bm)
+    pmean = torch.empty((tiles, gm.cout), device=x.device, dtype=torch.float32) if stats else None
+    pm2 = torch.empty_like(pmean) if stats else None
+    dummy = x
+    rm, rv, gam, bet, eps = bn_eval if bn_eval is not None else (dummy, dummy, dummy, dummy, 0.0)
+    args = (
+        x, wt, bias if bias is not None else dummy, residual if residual is not None else dummy,
+        z if z is not None else dummy, y if y is not None else dummy,
+        rm, rv, gam, bet, pmean if stats else dummy, pm2 if stats else dummy,
+        gm.m, gm.h, gm.w, gm.c, gm.oh, gm.ow, gm.cout, gm.cin_g, gm.cout_g,
+        gm.stride[0], gm.stride[1], gm.padding[0], gm.padding[1], gm.dilation[0], gm.dilation[1],
+        float(eps), float(act_param),
+    )
+    meta = dict(
+        KH=gm.kh, KW=gm.kw, HAS_BIAS=bias is not None, BN_EVAL=bn_eval is not None,
+        HAS_RES=residual is not None, STORE_Z=z is not None, STORE_Y=store_y, STATS=stats,
+        ACT=act_code(act), DOT_PREC=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
+    )
+
+    def grid(meta_):
+        return (triton.cdiv(gm.m, meta_["BLOCK_M"]), triton.cdiv(gm.cout_g, meta_["BLOCK_N"]), gm.groups)
+
+    if interp:
+        _conv_fwd_kernel[grid](*args, **meta, **blocks)
+        block_m = blocks["BLOCK_M"]
+    else:
+        _conv_fwd_tuned[grid](*args, **meta)
+        block_m = _conv_fwd_tuned.best_config.kwargs["BLOCK_M"]
+    if stats:  # only the first cdiv(M, block_m) rows were written by the chosen config
+        used = triton.cdiv(gm.m, block_m)
+        pmean, pm2 = pmean[:used], pm2[:used]
+    return FwdOut(y, z, pmean, pm2, block_m)
+
+
+# --------------------------------------------------------------------------- input grad
+
+@triton.jit
+def _conv_dgrad_kernel(
+    dz_ptr, w_ptr, dx_ptr,
+    MX, H, W, C, OH, OW, COUT, CIN_G, COUT_G,
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < MX
+    iw = offs_m % W
+    t = offs_m // W
+    ih = t % H
+    n64 = (t // H).to(tl.int64)
+
+    offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_mask = offs_ci < CIN_G
+    offs_k = tl.arange(0, BLOCK_K)
+
+    w_g = w_ptr + g * (KH * KW * COUT_G * CIN_G)
+    z_c0 = g * COUT_G
+    n_cb = tl.cdiv(COUT_G, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, KH * KW * n_cb):
+        r = it // n_cb
+        co = (it - r * n_cb) * BLOCK_K + offs_k
+        kh = r // KW
+        kw = r - kh * KW
+        th = ih + PH - kh * DH
+        tw = iw + PW - kw * DW
+        ok = m_mask & (th >= 0) & (tw >= 0)
+        th = tl.where(ok, th, 0)
+        tw = tl.where(ok, tw, 0)
+        oh = th // SH
+        ow = tw // SW
+        ok = ok & (oh * SH == th) & (ow * SW == tw) & (oh < OH) & (ow < OW)
+        z_row = ((n64 * OH + oh) * OW + ow) * COUT + z_c0
+        k_ok = co < COUT_G
+        a = tl.load(dz_ptr + z_row[:, None] + co[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_g + (r * COUT_G + co)[:, None] * CIN_G + offs_ci[None, :],
+                    mask=k_ok[:, None] & ci_mask[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+    out_off = offs_m.to(tl.int64)[:, None] * C + (g * CIN_G + offs_ci)[None, :]
+    tl.store(dx_ptr + out_off, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & ci_mask[None, :])
+
+
+_conv_dgrad_tuned = triton.autotune(
+    configs=_GPU_CONFIGS,
+    key=["MX", "COUT_G", "CIN_G", "H", "W", "SH", "KH", "KW"],
+    prune_configs_by={"early_config_prune": _prune("CIN_G", "COUT_G")},
+)(_conv_dgrad_kernel)
+
+
+def conv_dgrad(dz, weight, geom: ConvGeom) -> torch.Tensor:
+    """dL/dx (NHWC, dtype of ``dz``) from dL/dz (NHWC contiguous)."""
+    gm = geom
+    wd = weight.view(gm.groups, gm.cout_g, gm.cin_g, gm.kh, gm.kw).permute(0, 3, 4, 1, 2).contiguous()
+    dx = torch.empty((gm.n, gm.h, gm.w, gm.c), device=dz.device, dtype=dz.dtype)
+    mx = gm.n * gm.h * gm.w
+    args = (dz, wd, dx, mx, gm.h, gm.w, gm.c, gm.oh, gm.ow, gm.cout, gm.cin_g, gm.cout_g,
+            gm.stride[0], gm.stride[1], gm.padding[0], gm.padding[1], gm.dilation[0], gm.dilation[1])
+    meta = dict(KH=gm.kh, KW=gm.kw, DOT_PREC=dot_precision(dz.dtype), UPCAST=upcast_dot(dz.dtype))
+
+    def grid(meta_):
+        return (triton.cdiv(mx, meta_["BLOCK_M"]), triton.cdiv(gm.cin_g, meta_["BLOCK_N"]), gm.groups)
+
+    if interpreting():
+        _conv_dgrad_kernel[grid](*args, **meta, **_interp_blocks(mx, gm.cin_g, gm.cout_g))
+    else:
+        _conv_dgrad_tuned[grid](*args, **meta)
+    return dx
+
+
+# --------------------------------------------------------------------------- weight grad
+
+@triton.jit
+def _conv_wgrad_kernel(
+    dz_ptr, x_ptr, part_ptr,
+    M, H, W, C, OH, OW, COUT, CIN_G, COUT_G,
+    SH, SW, PH, PW, DH, DW, K_PER_SPLIT,
+    KH: tl.constexpr, KW: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    g = tl.program_id(2)
+    n_co = tl.cdiv(COUT_G, BLOCK_M)
+    n_ci = tl.cdiv(CIN_G, BLOCK_N)
+    r = pid // (n_co * n_ci)
+    rest = pid - r * (n_co * n_ci)
+    pid_co = rest // n_ci
+    pid_ci = rest - pid_co * n_ci
+    kh = r // KW
+    kw = r - kh * KW
+
+    offs_co = pid_co * BLOCK_M + tl.arange(0, BLOCK_M)
+    co_mask = offs_co < COUT_G
+    offs_ci = pid_ci * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_mask = offs_ci < CIN_G
+    offs_k = tl.arange(0, BLOCK_K)
+
+    k_start = split * K_PER_SPLIT
+    k_end = tl.minimum(M, k_start + K_PER_SPLIT)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        p = k0 + offs_k
+        p_ok = p < k_end
+        ow = p % OW
+        t = p // OW
+        oh = t % OH
+        n64 = (t // OH).to(tl.int64)
+        ih = oh * SH - PH + kh * DH
+        iw = ow * SW - PW + kw * DW
+        x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(dz_ptr + p.to(tl.int64)[None, :] * COUT + (g * COUT_G + offs_co)[:, None],
+                    mask=co_mask[:, None] & p_ok[None, :], other=0.0)
+        x_row = ((n64 * H + ih) * W + iw) * C + g * CIN_G
+        b = tl.load(x_ptr + x_row[:, None] + offs_ci[None, :], mask=x_ok[:, None] & ci_mask[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+    # partial dw laid out as [SPLIT, COUT, CIN_G, KH, KW]
+    out_off = ((split * COUT + g * COUT_G + offs_co)[:, None] * CIN_G + offs_ci[None, :]) * (KH * KW) + r
+    tl.store(part_ptr + out_off, acc, mask=co_mask[:, None] & ci_mask[None, :])
+
+
+_WGRAD_CONFIGS = [
+    _cfg(64, 64, 64, 4, 3),
+    _cfg(64, 64, 32, 4, 4),
+    _cfg(128, 64, 32, 8, 3),
+    _cfg(64, 128, 32, 8, 3),
+    _cfg(32, 32, 64, 4, 3),
+    _cfg(16, 16, 64, 2, 3),
+]
+
+_conv_wgrad_tuned = triton.autotune(
+    configs=_WGRAD_CONFIGS,
+    key=["M", "COUT_G", "CIN_G", "H", "W", "SH", "KH", "KW", "K_PER_SPLIT"],
+    prune_configs_by={"early_config_prune": _prune("CIN_G", "M")},
+)(_conv_wgrad_kernel)
+
+
+def conv_wgrad(x, dz, geom: ConvGeom, dtype: torch.dtype) -> torch.Tensor:
+    """dL/dweight (shape of the weight, ``dtype``) from NHWC ``x`` and dL/dz."""
+    gm = geom
+    interp = interpreting()
+    # split the pixel reduction so that small layers still fill the GPU
+    tiles = gm.groups * gm.kh * gm.kw * triton.cdiv(gm.cout_g, 64) * triton.cdiv(gm.cin_g, 64)
+    split = 1 if interp else max(1, min(2 * num_sms(x.device) // max(tiles, 1), triton.cdiv(gm.m, 512), 64))
+    k_per_split = triton.cdiv(triton.cdiv(gm.m, split), 64) * 64
+    split = triton.cdiv(gm.m, k_per_split)
+    part = torch.empty((split, gm.cout, gm.cin_g, gm.kh, gm.kw), device=x.device, dtype=torch.float32)
+    args = (dz, x, part, gm.m, gm.h, gm.w, gm.c, gm.oh, gm.ow, gm.cout, gm.cin_g, gm.cout_g,
+            gm.stride[0], gm.stride[1], gm.padding[0], gm.padding[1], gm.dilation[0], gm.dilation[1],
+            k_per_split)
+    meta = dict(KH=gm.kh, KW=gm.kw, DOT_PREC=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype))
+
+    def grid(meta_):
+        per_tap = triton.cdiv(gm.cout_g, meta_["BLOCK_M"]) * triton.cdiv(gm.cin_g, meta_["BLOCK_N"])
+        return (gm.kh * gm.kw * per_tap, split, gm.groups)
+
+    if interp:
+        blocks = {"BLOCK_M": pow2(gm.cout_g, 16, 64), "BLOCK_N": pow2(gm.cin_g, 16, 64), "BLOCK_K": pow2(gm.m, 16, 128)}
+        _conv_wgrad_kernel[grid](*args, **meta, **blocks)
+    else:
+        _conv_wgrad_tuned[grid](*args, **meta)
+    dw = part[0] if split == 1 else part.sum(0)
+    return dw.to(dtype)

@@ -1,0 +1,238 @@
+"""``se_block``: ``act(x * sigmoid(fc2(relu(fc1(mean_hw(x))))) [+ residual])`` -- the
+squeeze-and-excitation tail of an SE-ResNeXt block (scale, residual add, final ReLU).
+
+Design
+------
+``x`` is viewed as NHWC ``[N, HW, C]``; the squeeze vectors are fp32 ``[N, C]`` / ``[N, HID]``.
+
+* **Forward, three launches**: (1) ``_se_pool_kernel``, grid (N, channel blocks), loops over
+  HW in BLOCK_HW rows and writes the fp32 channel means ``s``; (2) ``_se_fc_kernel``, one
+  program per sample: ``h = relu(W1 s + b1)`` then ``g = sigmoid(W2 h + b2)``, looping over
+  channel blocks (the hidden width lives in one register block); (3) ``_se_apply_kernel``:
+  ``y = act(x * g[n, c] [+ residual])``, elementwise over (rows, channel blocks).
+* **Saved for backward**: ``x`` (NHWC), the small fp32 vectors ``s``, ``h``, ``g``, the FC
+  weights, and a reference to the residual only when a non-identity activation follows it.
+* **Backward**: (1) ``_se_bwd_reduce_kernel`` recomputes ``du = dy * act'(x*g + r)``, writes
+  ``dresidual = du`` if wanted and reduces ``dg[n, c] = sum_hw du*x``; (2)
+  ``_se_fc_bwd_kernel``, one program per sample, backpropagates through sigmoid, fc2, relu
+  and fc1 to ``ds`` (and the pre-activation grads ``dl2``, ``dh``); (3)
+  ``_se_bwd_apply_kernel``: ``dx = du*g + ds/HW``. The FC weight/bias gradients are four
+  tiny ``[N, C] x [N, HID]`` products done with ``torch.mm`` / ``sum`` (cuBLAS): a batch
+  of 128 against a 64 x 1024 matrix is far below where a custom kernel would pay off.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .activations import act_code, act_grad, apply_act
+from .utils import from_nhwc, interpreting, pow2, to_nhwc
+
+
+@triton.jit
+def _se_pool_kernel(x_ptr, s_ptr, HW, C, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    n = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    acc = tl.zeros((BLOCK_C,), tl.float32)
+    base = x_ptr + n.to(tl.int64) * HW * C
+    for r0 in range(0, HW, BLOCK_HW):
+        rows = r0 + tl.arange(0, BLOCK_HW)
+        mask = (rows < HW)[:, None] & c_ok[None, :]
+        acc += tl.sum(tl.load(base + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32), axis=0)
+    tl.store(s_ptr + n * C + cols, acc / HW, mask=c_ok)
+
+
+@triton.jit
+def _se_fc_kernel(s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, g_ptr, C, HID,
+                  HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    n = tl.program_id(0)
+    hid = tl.arange(0, BLOCK_H)
+    h_ok = hid < HID
+    acc = tl.zeros((BLOCK_H,), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cols < C
+        s = tl.load(s_ptr + n * C + cols, mask=c_ok, other=0.0)
+        w1 = tl.load(w1_ptr + hid[:, None] * C + cols[None, :], mask=h_ok[:, None] & c_ok[None, :], other=0.0)
+        acc += tl.sum(w1.to(tl.float32) * s[None, :], axis=1)
+    if HAS_B1:
+        acc += tl.load(b1_ptr + hid, mask=h_ok, other=0.0).to(tl.float32)
+    h = tl.where(h_ok, tl.maximum(acc, 0.0), 0.0)
+    tl.store(h_ptr + n * HID + hid, h, mask=h_ok)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cols < C
+        w2 = tl.load(w2_ptr + cols[:, None] * HID + hid[None, :], mask=c_ok[:, None] & h_ok[None, :], other=0.0)
+        logit = tl.sum(w2.to(tl.float32) * h[None, :], axis=1)
+        if HAS_B2:
+            logit += tl.load(b2_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
+        tl.store(g_ptr + n * C + cols, 1.0 / (1.0 + tl.exp(-logit)), mask=c_ok)
+
+
+@triton.jit
+def _se_apply_kernel(x_ptr, g_ptr, res_ptr, y_ptr, R, HW, C, act_param,
+                     ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_ok = rows < R
+    mask = r_ok[:, None] & (cols < C)[None, :]
+    off = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    gate = tl.load(g_ptr + (rows // HW)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    v = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) * gate
+    if HAS_RES:
+        v += tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    v = apply_act(v, act_param, ACT)
+    tl.store(y_ptr + off, v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _se_du(dy_ptr, x_ptr, res_ptr, off, mask, gate, act_param, ACT: tl.constexpr, HAS_RES: tl.constexpr):
+    """(du, x) with du = dy * act'(x*g + r) recomputed."""
+    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    du = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    if ACT != 0:
+        v = x * gate
+        if HAS_RES:
+            v += tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        du = du * act_grad(v, act_param, ACT)
+    return tl.where(mask, du, 0.0), x
+
+
+@triton.jit
+def _se_bwd_reduce_kernel(dy_ptr, x_ptr, res_ptr, g_ptr, dg_ptr, dres_ptr, HW, C, act_param,
+                          ACT: tl.constexpr, HAS_RES: tl.constexpr, STORE_DRES: tl.constexpr,
+                          BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    n = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    gate = tl.load(g_ptr + n * C + cols, mask=c_ok, other=0.0)[None, :]
+    acc = tl.zeros((BLOCK_C,), tl.float32)
+    for r0 in range(0, HW, BLOCK_HW):
+        rows = r0 + tl.arange(0, BLOCK_HW)
+        mask = (rows < HW)[:, None] & c_ok[None, :]
+        off = (n.to(tl.int64) * HW + rows)[:, None] * C + cols[None, :]
+        du, x = _se_du(dy_ptr, x_ptr, res_ptr, off, mask, gate, act_param, ACT, HAS_RES)
+        if STORE_DRES:
+            tl.store(dres_ptr + off, du.to(dres_ptr.dtype.element_ty), mask=mask)
+        acc += tl.sum(du * x, axis=0)
+    tl.store(dg_ptr + n * C + cols, acc, mask=c_ok)
+
+
+@triton.jit
+def _se_fc_bwd_kernel(dg_ptr, g_ptr, h_ptr, w1_ptr, w2_ptr, dl2_ptr, dh_ptr, ds_ptr, C, HID,
+                      BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    n = tl.program_id(0)
+    hid = tl.arange(0, BLOCK_H)
+    h_ok = hid < HID
+    dh = tl.zeros((BLOCK_H,), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cols < C
+        gate = tl.load(g_ptr + n * C + cols, mask=c_ok, other=0.0)
+        dl2 = tl.load(dg_ptr + n * C + cols, mask=c_ok, other=0.0) * gate * (1.0 - gate)
+        tl.store(dl2_ptr + n * C + cols, dl2, mask=c_ok)
+        w2 = tl.load(w2_ptr + cols[:, None] * HID + hid[None, :], mask=c_ok[:, None] & h_ok[None, :], other=0.0)
+        dh += tl.sum(w2.to(tl.float32) * dl2[:, None], axis=0)
+    h = tl.load(h_ptr + n * HID + hid, mask=h_ok, other=0.0)
+    dh = tl.where(h > 0, dh, 0.0)
+    tl.store(dh_ptr + n * HID + hid, dh, mask=h_ok)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cols < C
+        w1 = tl.load(w1_ptr + hid[:, None] * C + cols[None, :], mask=h_ok[:, None] & c_ok[None, :], other=0.0)
+        tl.store(ds_ptr + n * C + cols, tl.sum(w1.to(tl.float32) * dh[:, None], axis=0), mask=c_ok)
+
+
+@triton.jit
+def _se_bwd_apply_kernel(dy_ptr, x_ptr, res_ptr, g_ptr, ds_ptr, dx_ptr, R, HW, C, act_param,
+                         ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    off = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    vec_off = (rows // HW)[:, None] * C + cols[None, :]
+    gate = tl.load(g_ptr + vec_off, mask=mask, other=0.0)
+    du, x = _se_du(dy_ptr, x_ptr, res_ptr, off, mask, gate, act_param, ACT, HAS_RES)
+    dx = du * gate + tl.load(ds_ptr + vec_off, mask=mask, other=0.0) / HW
+    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _blocks(rows, c):
+    bc = pow2(c, 16, 64)
+    return pow2(rows, 16, (8192 if interpreting() else 4096) // bc), bc
+
+
+class _SeBlockFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, residual, cfg):
+        act, act_param = cfg
+        n, c, hh, ww = x.shape
+        hw, hid = hh * ww, w1.shape[0]
+        xh = to_nhwc(x)
+        rh = to_nhwc(residual)
+        dev = x.device
+        s = torch.empty((n, c), device=dev, dtype=torch.float32)
+        h = torch.empty((n, hid), device=dev, dtype=torch.float32)
+        g = torch.empty((n, c), device=dev, dtype=torch.float32)
+        bhw, bc = _blocks(hw, c)
+        _se_pool_kernel[(n, triton.cdiv(c, bc))](xh, s, hw, c, BLOCK_HW=bhw, BLOCK_C=bc)
+        bh = pow2(hid, 16, 4096)
+        _se_fc_kernel[(n,)](s, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, h, g,
+                            c, hid, HAS_B1=b1 is not None, HAS_B2=b2 is not None,
+                            BLOCK_H=bh, BLOCK_C=pow2(c, 16, max(16, 4096 // bh)))
+        y = torch.empty_like(xh)
+        bm, bc = _blocks(n * hw, c)
+        _se_apply_kernel[(triton.cdiv(n * hw, bm), triton.cdiv(c, bc))](
+            xh, g, rh if rh is not None else xh, y, n * hw, hw, c, float(act_param),
+            ACT=act_code(act), HAS_RES=rh is not None, BLOCK_M=bm, BLOCK_C=bc)
+        ctx.cfg = cfg
+        ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
+        ctx.save_for_backward(xh, s, h, g, w1, w2, rh if act != "identity" else None)
+        return from_nhwc(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xh, s, h, g, w1, w2, rh = ctx.saved_tensors
+        act, act_param = ctx.cfg
+        n, hh, ww, c = xh.shape
+        hw, hid = hh * ww, w1.shape[0]
+        need_x, need_w1, need_b1, need_w2, need_b2, need_r = ctx.needs_input_grad[:6]
+        dyh = to_nhwc(dy.to(xh.dtype))
+        meta = dict(ACT=act_code(act), HAS_RES=rh is not None and act != "identity")
+        res = rh if rh is not None else xh
+        dg = torch.empty((n, c), device=xh.device, dtype=torch.float32)
+        dres = torch.empty_like(xh) if need_r else xh
+        bhw, bc = _blocks(hw, c)
+        _se_bwd_reduce_kernel[(n, triton.cdiv(c, bc))](
+            dyh, xh, res, g, dg, dres, hw, c, float(act_param), STORE_DRES=need_r,
+            BLOCK_HW=bhw, BLOCK_C=bc, **meta)
+        dl2 = torch.empty((n, c), device=xh.device, dtype=torch.float32)
+        dh = torch.empty((n, hid), device=xh.device, dtype=torch.float32)
+        ds = torch.empty((n, c), device=xh.device, dtype=torch.float32)
+        bh = pow2(hid, 16, 4096)
+        _se_fc_bwd_kernel[(n,)](dg, g, h, w1, w2, dl2, dh, ds, c, hid, BLOCK_H=bh,
+                                BLOCK_C=pow2(c, 16, max(16, 4096 // bh)))
+        dx = None
+        if need_x:
+            dxh = torch.empty_like(xh)
+            bm, bc = _blocks(n * hw, c)
+            _se_bwd_apply_kernel[(triton.cdiv(n * hw, bm), triton.cdiv(c, bc))](
+                dyh, xh, res, g, ds, dxh, n * hw, hw, c, float(act_param), BLOCK_M=bm, BLOCK_C=bc, **meta)
+            dx = from_nhwc(dxh)
+        b1_dt, b2_dt = ctx.bias_dtypes
+        dw1 = (dh.t() @ s).to(w1.dtype) if need_w1 else None
+        db1 = dh.sum(0).to(b1_dt) if need_b1 else None
+        dw2 = (dl2.t() @ h).to(w2.dtype) if need_w2 else None
+        db2 = dl2.sum(0).to(b2_dt) if need_b2 else None
+        return dx, dw1, db1, dw2, db2, (from_nhwc(dres) if need_r else None), None
+
+
+def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, act="relu", act_param=0.0):
+    """Same signature and result as :func:`fastcnn.ops.reference.se_block`."""
+    return _SeBlockFn.apply(x, fc1_weight.contiguous(), fc1_bias, fc2_weight.contiguous(), fc2_bias,
+                            residual, (act, float(act_param)))

@@ -1,0 +1,51 @@
+"""Host-side helpers shared by the Triton ops: layout conversion (NCHW <-> NHWC), block-size
+choice, interpreter detection and the dot-product precision that matches cuDNN's."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """True when kernels run in the Triton interpreter (CPU, ``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def to_nhwc(t: torch.Tensor | None) -> torch.Tensor | None:
+    """(N, C, H, W) tensor -> contiguous (N, H, W, C) tensor. A channels_last input is a
+    free view; any other layout (NCHW, non-contiguous) is copied once."""
+    if t is None:
+        return None
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def from_nhwc(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous (N, H, W, C) buffer -> (N, C, H, W) view in channels_last memory format."""
+    return t.permute(0, 3, 1, 2)
+
+
+def pow2(n: int, lo: int = 16, hi: int = 128) -> int:
+    """The next power of two >= n, clamped to [lo, hi]."""
+    return max(lo, min(hi, triton.next_power_of_2(max(1, int(n)))))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 GEMMs use TF32 exactly when cuDNN's convolutions would (``torch.backends.cudnn.
+    allow_tf32``, on by default), so the fused ops match the unfused ones on the same GPU."""
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """The interpreter's bf16 ``tl.dot`` returns garbage (Triton 3.8): feed it fp32 operands
+    there (exact: bf16 -> fp32 is lossless). On GPUs bf16 goes to the tensor cores."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
