@@ -259,6 +259,16 @@ def test_imagenet_simplenet_224(name):
     assert strided == ([0, 1, 2] if name.endswith("m1") else [0, 1, 3])
 
 
+@pytest.mark.parametrize("name", ["simplenetv1_small_m1_05", "simplenetv1_small_m2_05"])
+def test_imagenet_simplenet_smallest_input(name):
+    """Documented limit: 25x25 is the smallest input (the second pool needs a 2x2 map)."""
+    model = default_model(name).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 25, 25)).shape == (1, 1000)
+        with pytest.raises(RuntimeError):
+            model(torch.randn(1, 3, 24, 24))
+
+
 def test_shathenet_upsamples_inside():
     model = fastcnn.create_model("shathenet_v1_2").eval()
     x = torch.randn(2, 3, 32, 32)

@@ -6,8 +6,8 @@ Residual Networks" (arXiv 1603.05027) for CIFAR: a 3x3 stem with 16 channels, th
 Each BN-ReLU-conv is a :class:`BnActConv` (fused: the BN+ReLU is the prologue of the conv, so
 only the conv input before BN is saved). The first unit of a stage has a 1x1 projection
 shortcut that, as in the paper's code, reads the pre-activated input; there the shared
-BN-ReLU is a :class:`BnAct` feeding both the first conv and the projection. The stride sits on
-the 3x3 conv.
+BN-ReLU is a :class:`BnAct` feeding both the first conv and the projection. As in the paper's
+code (KaimingHe/resnet-1k-layers ``resnet-pre-act.lua``) the stride sits on the first 1x1 conv.
 """
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ class PreActBottleneck(nn.Module):
         self.project = stride != 1 or in_chs != out_chs
         if self.project:
             self.preact = BnAct(in_chs, act=act)
-            self.conv1 = nn.Conv2d(in_chs, planes, 1, bias=False)
+            self.conv1 = nn.Conv2d(in_chs, planes, 1, stride, bias=False)
             self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride, bias=False)
         else:
-            self.conv1 = BnActConv(in_chs, planes, 1, act=act)
-        self.conv2 = BnActConv(planes, planes, 3, stride, act=act)
+            self.conv1 = BnActConv(in_chs, planes, 1, stride, act=act)
+        self.conv2 = BnActConv(planes, planes, 3, act=act)
         self.conv3 = BnActConv(planes, out_chs, 1, act=act)
 
     def forward(self, x):

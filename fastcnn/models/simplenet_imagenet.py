@@ -5,8 +5,8 @@ layers stride 2 to shrink 224x224 inputs: mode m1 on layers 0, 1, 2; mode m2 on 
 (layer indices count the pools). ``scale`` multiplies the widths (``round``).
 
 Default 1000 classes at 224x224; because the 1x1 convs pad, the nets also run on 32x32
-CIFAR images (m1: 32 -> 16 -> 8 -> 4, pools to 2 and 1; smallest input 25x25 for m1, 13x13
-for m2).
+CIFAR images (three stride-2 convs in both modes: 32 -> 4, pools to 2 and 1; the smallest
+input is 25x25, checked by the tests).
 """
 from __future__ import annotations
 
