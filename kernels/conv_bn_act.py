@@ -16,8 +16,11 @@ Design
 * **Saved for backward**: ``x`` (NHWC; a view when the input is channels_last), the weight,
   ``z`` in the compute dtype, fp32 per-channel mean / invstd, and a reference to the
   residual only when a non-identity activation follows it. The normalised and activated
-  values are never stored: a plain conv -> BN -> act stack keeps ~3 activations per layer,
-  this keeps one.
+  values are never stored. Per layer that leaves ``z`` plus the input -- the previous
+  layer's output, which the previous layer no longer keeps for itself -- i.e. no separate
+  BN output / activation mask. Not done yet: applying the previous layer's BN+act in this
+  conv's A-tile prologue (so ``y`` would never be materialised and the saving would be
+  one activation per layer).
 * **Backward**: the fused act + BN backward of :mod:`.bn_act` (one reduction pass giving
   dgamma / dbeta, one elementwise pass giving dz and dresidual); the conv bias gradient is
   ``sum(dz)``, which BN's mean subtraction makes exactly 0 in training (eval:
