@@ -3,8 +3,10 @@
 * :func:`save` writes to a temporary file in the destination folder, flushes it to disk and
   renames it over the target (``os.replace``), so a crash leaves either the old or the new
   file, never half of one.
-* :func:`load` uses ``torch.load(weights_only=True)`` (no arbitrary code from a checkpoint)
-  and turns any damage (truncation, garbage, a wrong file) into :class:`CheckpointError`.
+* :func:`load` first checks every record's CRC-32 (``torch.load`` itself does not, so a flipped
+  bit in the weights would load silently), then uses ``torch.load(weights_only=True)`` (no
+  arbitrary code from a checkpoint), and turns any damage (truncation, flipped bits, garbage,
+  a wrong file) into :class:`CheckpointError`.
 * :func:`rng_state` / :func:`set_rng_state` capture and restore the Python, NumPy, torch CPU
   and CUDA generators in forms that ``weights_only`` loading accepts (tensors, ints, lists).
 """
@@ -53,10 +55,20 @@ def load(path: str, map_location="cpu") -> dict:
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the write was interrupted")
     try:
+        with zipfile.ZipFile(path) as z:  # torch's format is a zip with a CRC-32 per record:
+            bad = z.testzip()  # catches flipped bits that torch.load would read silently
+        if bad is not None:
+            raise CheckpointError(f"checkpoint {path} is corrupt: record {bad} fails its CRC check")
+    except zipfile.BadZipFile as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated (not a complete zip archive: {e})") from None
+    except (OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError,
             KeyError, OSError, UnicodeDecodeError, AttributeError, IndexError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()] or [type(e).__name__]
+        first = next((l for l in lines if "Unsupported global" in l), lines[0])
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated, or not a fastcnn checkpoint "
                               f"({type(e).__name__}: {first[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cuda | cuda:N | cpu (default: cuda if available)")
     s.add_argument("--memory-budget", help="cap GPU memory, e.g. 3GB, 2.5GiB, 800MB (CUDA only)")
     s.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across DDP processes")
+    s.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     s.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
     o = p.add_argument_group("run and output")
     o.add_argument("--out-dir", default="runs", help="parent of the run folders (default runs/)")
@@ -481,6 +482,8 @@ def train(argv=None) -> dict:
     if args.sync_bn and args.fused:
         raise UsageError("--sync-bn with --fused: the fused kernels compute per-process batch statistics; "
                          "drop one of the two")
+    if args.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only)")
     if rec.batch_size % world:
         raise UsageError(f"--batch-size {rec.batch_size} is not divisible by the {world} processes")
     if args.tensorboard:
@@ -500,6 +503,10 @@ def train(argv=None) -> dict:
             torch.cuda.set_per_process_memory_fraction(budget / total, device)
         else:
             out.line(f"note: --memory-budget is enforced on CUDA only; on {device.type} the peak RSS is reported")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     elif device.type == "cuda":
@@ -584,7 +591,8 @@ def train(argv=None) -> dict:
               "world_size": world, "device": str(device), "recipe": rec.as_dict(),
               "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
               "train_images": int(ds.train_labels.shape[0]), "fastcnn": fastcnn.__version__,
-              "torch": torch.__version__}
+              "torch": str(torch.__version__)}
+    config = json.loads(json.dumps(config))  # plain types only: loadable with weights_only=True
     writer = None
     if main_proc:
         os.makedirs(run_dir, exist_ok=True)
@@ -618,6 +626,8 @@ def train(argv=None) -> dict:
             raise TrainError(f"out of GPU memory at batch {per_rank_batch} per process"
                                + (f" within the --memory-budget {args.memory_budget}" if budget else "")
                                + "; lower --batch-size" + (" or raise the budget" if budget else "")) from None
+        if world > 1:
+            _average_buffers(raw_model, world)
         ev = evaluate(raw_model, test_loader, ds.num_classes, amp_dtype=amp_dtype, distributed=world > 1)
         dt = time.perf_counter() - t0
         row = {"epoch": epoch, "lr": sched.get_last_lr()[0], "train_loss": tr["loss"], "train_acc": tr["acc"],
@@ -668,6 +678,7 @@ def train(argv=None) -> dict:
         else:
             out.line(f"nothing to do: the run is already at epoch {start_epoch - 1} of {rec.epochs}; {run_dir}")
         result["time_s"] = total
+    result["model"] = raw_model  # for callers of train() (tests, notebooks); not printed
     return result
 
 
@@ -736,6 +747,17 @@ def _train_epoch(model, loader, optimizer, sched, scaler, criterion, amp_dtype, 
         dist.all_reduce(stats)
     return {"loss": float(stats[0] / stats[2]), "acc": 100.0 * float(stats[1] / stats[2]), "images": seen,
             "time": elapsed}
+
+
+def _average_buffers(model: nn.Module, world: int) -> None:
+    """Average BN running statistics over the processes (DDP keeps parameters equal, but each
+    process's last forward updated its own buffers), so every rank evaluates and saves the same model."""
+    import torch.distributed as dist
+
+    for b in model.buffers():
+        if b.is_floating_point():
+            dist.all_reduce(b)
+            b.div_(world)
 
 
 def _check_finite(loss_sum, epoch, step, sched, world):
