@@ -68,7 +68,7 @@ def load(path: str, map_location="cpu") -> dict:
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError,
             KeyError, OSError, UnicodeDecodeError, AttributeError, IndexError) as e:
         lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()] or [type(e).__name__]
-        first = next((l for l in lines if "Unsupported global" in l), lines[0])
+        first = next((l for l in lines if "global" in l.lower() and "unsupported" in l.lower()), lines[0])
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated, or not a fastcnn checkpoint "
                               f"({type(e).__name__}: {first[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
