@@ -458,10 +458,18 @@ def train(argv=None) -> dict:
         saved = resume_state["config"]
         if saved["model"] != model_name:
             raise UsageError(f"--resume: the checkpoint is of {saved['model']}, not {model_name}")
-        # the maths of the run come from the checkpoint
+        # the maths of the run come from the checkpoint; say so if the command line differs
+        parser, ignored = build_parser(), []
         for key in FROZEN_ON_RESUME:
             if key in saved["args"]:
-                setattr(args, key, _tuple_if_list(saved["args"][key]))
+                given, kept = getattr(args, key), _tuple_if_list(saved["args"][key])
+                given = _tuple_if_list(list(given)) if isinstance(given, list) else given
+                if given is not None and given != parser.get_default(key) and given != kept:
+                    ignored.append(f"--{key.replace('_', '-')}")
+                setattr(args, key, kept)
+        if ignored and int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: resuming keeps the checkpoint's settings; ignored: {', '.join(ignored)} "
+                  "(start a new run to change them)", file=sys.stderr)
         rec = Recipe(**{k: _tuple_if_list(v) for k, v in saved["recipe"].items()})
         if args.epochs is not None:
             rec = rec.replace(epochs=args.epochs)
@@ -515,11 +523,8 @@ def train(argv=None) -> dict:
 
     # data: rank 0 downloads if needed, the others wait and read
     if world > 1:
-        import torch.distributed as dist
-
-        if main_proc:
-            load_dataset(args.dataset, args.data_dir, download=not args.no_download)
-        dist.barrier()
+        _on_rank0_for_all(lambda: load_dataset(args.dataset, args.data_dir, download=not args.no_download)
+                          and None, main_proc)
     ds = load_dataset(args.dataset, args.data_dir, download=not args.no_download and world == 1,
                       subset=args.subset, seed=args.seed)
     train_x = torch.from_numpy(ds.train_images)
@@ -576,13 +581,8 @@ def train(argv=None) -> dict:
         best_acc, best_epoch = float(resume_state["best_acc"]), int(resume_state["best_epoch"])
         run_dir = os.path.dirname(os.path.abspath(resume_path(args, model_name)))
     else:
-        run_dir = new_run_dir(args, model_name) if main_proc else ""
-    if world > 1:  # everyone learns rank 0's folder
-        import torch.distributed as dist
-
-        box = [run_dir]
-        dist.broadcast_object_list(box, src=0)
-        run_dir = box[0]
+        run_dir = (_on_rank0_for_all(lambda: new_run_dir(args, model_name), main_proc) if world > 1
+                   else new_run_dir(args, model_name))
 
     config = {"model": model_name, "model_kwargs": model_kwargs, "num_classes": ds.num_classes,
               "in_chans": ds.in_chans, "input_size": list(input_size), "dataset": args.dataset,
@@ -680,6 +680,26 @@ def train(argv=None) -> dict:
         result["time_s"] = total
     result["model"] = raw_model  # for callers of train() (tests, notebooks); not printed
     return result
+
+
+def _on_rank0_for_all(fn, main_proc: bool):
+    """Run ``fn`` on rank 0 only and hand its result, or its error, to every process, so that a
+    failure there (missing data, existing run folder) ends all ranks instead of hanging them."""
+    import torch.distributed as dist
+
+    box = [None, None]
+    if main_proc:
+        try:
+            box[0] = fn()
+        except Exception as e:  # re-raised below, on every rank, as the same type when known
+            box[1] = (type(e).__name__, str(e))
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        from .data import DatasetError
+
+        kinds = {"UsageError": UsageError, "DatasetError": DatasetError}
+        raise kinds.get(box[1][0], TrainError)(box[1][1])
+    return box[0]
 
 
 def _tuple_if_list(v):

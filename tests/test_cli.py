@@ -111,3 +111,12 @@ def test_help_and_print_recipe():
 def test_evaluate_and_export_bad_input(tmp_path):
     one_error_line(run(str(tmp_path / "none.pt"), module="fastcnn.evaluate"), 1, "does not exist")
     one_error_line(run(str(tmp_path / "none.pt"), module="fastcnn.export"), 2, "--onnx")
+
+
+def test_tensorboard_missing_is_explained(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here; the missing-package message cannot be shown")
+    one_error_line(run("lenet5", "--tensorboard", "--device", "cpu", "--out-dir", str(tmp_path)), 2,
+                   "pip install tensorboard")
