@@ -25,7 +25,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
@@ -540,13 +539,18 @@ def train(argv=None) -> dict:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     raw_model = model
     per_rank_batch = rec.batch_size // world
-    train_loader = GpuLoader(train_x, ds.train_labels, per_rank_batch, train=True, device=device, mean=mean,
-                             std=std, crop_padding=rec.crop_padding, flip=rec.flip, cutout=rec.cutout,
-                             seed=args.seed, rank=rank, world_size=world, out_size=input_size[1:],
-                             channels_last=channels_last)
-    test_loader = GpuLoader(ds.test_images, ds.test_labels, max(per_rank_batch, 256), train=False,
-                            device=device, mean=mean, std=std, rank=rank, world_size=world,
-                            out_size=input_size[1:], channels_last=channels_last)
+    try:
+        train_loader = GpuLoader(train_x, ds.train_labels, per_rank_batch, train=True, device=device, mean=mean,
+                                 std=std, crop_padding=rec.crop_padding, flip=rec.flip, cutout=rec.cutout,
+                                 seed=args.seed, rank=rank, world_size=world, out_size=input_size[1:],
+                                 channels_last=channels_last)
+        test_loader = GpuLoader(ds.test_images, ds.test_labels, max(per_rank_batch, 256), train=False,
+                                device=device, mean=mean, std=std, rank=rank, world_size=world,
+                                out_size=input_size[1:], channels_last=channels_last)
+    except torch.OutOfMemoryError:
+        mb = (ds.train_images.nbytes + ds.test_images.nbytes) / 2 ** 20
+        raise TrainError(f"the {args.dataset} images ({mb:,.0f} MB as uint8) do not fit in GPU memory"
+                         + (f" within --memory-budget {args.memory_budget}" if budget else "")) from None
     if len(train_loader) == 0:
         raise UsageError(f"the training set ({train_loader.num_samples} images per process) is smaller than "
                          f"one batch of {per_rank_batch}; lower --batch-size or raise --subset")
@@ -622,13 +626,13 @@ def train(argv=None) -> dict:
         try:
             tr = _train_epoch(model, train_loader, optimizer, sched, scaler, criterion, amp_dtype,
                               args.grad_clip, epoch, rec.epochs, args.log_interval, out, world)
+            if world > 1:
+                _average_buffers(raw_model, world)
+            ev = evaluate(raw_model, test_loader, ds.num_classes, amp_dtype=amp_dtype, distributed=world > 1)
         except torch.OutOfMemoryError:
             raise TrainError(f"out of GPU memory at batch {per_rank_batch} per process"
                                + (f" within the --memory-budget {args.memory_budget}" if budget else "")
                                + "; lower --batch-size" + (" or raise the budget" if budget else "")) from None
-        if world > 1:
-            _average_buffers(raw_model, world)
-        ev = evaluate(raw_model, test_loader, ds.num_classes, amp_dtype=amp_dtype, distributed=world > 1)
         dt = time.perf_counter() - t0
         row = {"epoch": epoch, "lr": sched.get_last_lr()[0], "train_loss": tr["loss"], "train_acc": tr["acc"],
                "test_loss": ev["loss"], "test_acc": ev["acc"], "epoch_time_s": round(dt, 3),

@@ -343,7 +343,7 @@ def read_idx(path: str) -> np.ndarray:
     if len(raw) - header != expected:
         raise DatasetError(f"{src} has {len(raw) - header} data bytes, expected {expected} for shape "
                            f"{list(dims)} (truncated or corrupt)")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()  # writable
 
 
 def load_mnist(root: str) -> Dataset:
