@@ -293,3 +293,29 @@ def test_export_onnx_when_available(cifar_dir, tmp_path):
     out = tmp_path / "m.onnx"
     assert export_main([os.path.join(res["run_dir"], "checkpoint_last.pt"), "--onnx", str(out)]) == 0
     assert out.stat().st_size > 100_000
+
+
+def test_fp16_scaler_channels_last_and_budget_note(cifar_dir, tmp_path, capsys):
+    res = train(["lenet5", *_common(cifar_dir, tmp_path), "--subset", "128", "--epochs", "1", "--batch-size", "64",
+                 "--amp", "fp16", "--channels-last", "--memory-budget", "2GB", "--lr", "0.01"])
+    state = torch.load(os.path.join(res["run_dir"], "checkpoint_last.pt"), weights_only=True)
+    assert state["scaler"] and state["scaler"]["scale"] > 0  # the GradScaler is saved for --resume
+    assert "enforced on CUDA only" in capsys.readouterr().out
+
+
+def test_progress_bar_on_terminal_plain_lines_otherwise():
+    import io
+
+    from fastcnn.train import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, pipe = Tty(), io.StringIO()
+    for stream in (tty, pipe):
+        p = Progress(True, stream)
+        p.update(2, 10, 50, 100, 1.2345, 56.7, 12345.0, 75.0)
+        p.line("epoch   2/10 ...")
+    assert "\repoch 2/10 [" in tty.getvalue() and "12,345 img/s" in tty.getvalue() and "ETA 1:15" in tty.getvalue()
+    assert pipe.getvalue() == "epoch   2/10 ...\n"  # no bar, no carriage returns
