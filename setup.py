@@ -149,8 +149,12 @@ setup(
     install_requires=["torch>=2.11", "numpy"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest", "pytest-benchmark", "pillow", "triton>=3.6"],
-        "train": ["pillow", "matplotlib", "tqdm"],
+        # the test set runs every optional path too: SVHN (.mat via scipy), ONNX export, plots
+        "test": ["pytest", "pytest-benchmark", "pillow", "triton>=3.6", "scipy", "matplotlib",
+                 "onnx", "onnxscript"],
+        "train": ["matplotlib", "scipy"],
+        "export": ["onnx", "onnxscript"],
+        "tensorboard": ["tensorboard"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
