@@ -4,6 +4,7 @@ from torch import nn
 from .activations import create_act, fused_act_name, list_activations, FUSED_ACTIVATIONS
 from .conv_bn_act import BnAct, BnActConv, ConvAct, ConvBnAct
 from .squeeze_excite import SqueezeExcite
+from .weight_init import init_he
 
 FUSABLE_LAYERS = (ConvBnAct, BnAct, BnActConv, ConvAct, SqueezeExcite)
 
@@ -18,4 +19,4 @@ def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
 
 
 __all__ = ["create_act", "fused_act_name", "list_activations", "FUSED_ACTIVATIONS", "ConvBnAct",
-           "BnAct", "BnActConv", "ConvAct", "SqueezeExcite", "set_fused", "FUSABLE_LAYERS"]
+           "BnAct", "BnActConv", "ConvAct", "SqueezeExcite", "set_fused", "FUSABLE_LAYERS", "init_he"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import ConvAct
+from ..layers.weight_init import init_he
 from ..registry import register_model
 
 
@@ -33,10 +34,7 @@ class AllCNNC(nn.Module):
             ConvAct(192, num_classes, 1, act=act),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+        init_he(self, mode="fan_in")
 
     def forward(self, x):
         return self.pool(self.features(x)).flatten(1)

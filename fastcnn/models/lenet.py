@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import ConvAct, create_act
+from ..layers.weight_init import init_he
 from ..registry import register_model
 
 
@@ -28,10 +29,7 @@ class LeNet5(nn.Module):
             nn.Linear(84, num_classes),
         )
         # BIGBALLON's Keras LeNet uses he_normal for every layer.
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+        init_he(self, mode="fan_in", layers=(nn.Conv2d, nn.Linear))
 
     def forward(self, x):
         return self.classifier(self.features(x))

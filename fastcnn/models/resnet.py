@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import ConvBnAct
+from ..layers.weight_init import init_he
 from ..registry import register_model
 
 
@@ -44,18 +45,6 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         return self.conv2(self.conv1(x), residual=self.shortcut(x))
-
-
-def init_he(model: nn.Module) -> None:
-    """He (Kaiming) normal init of the convolutions, as the ResNet papers do; BN to (1, 0)."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 class CifarResNet(nn.Module):

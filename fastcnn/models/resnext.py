@@ -17,7 +17,7 @@ from torch import nn
 
 from ..layers import ConvBnAct, SqueezeExcite
 from ..registry import register_model
-from .resnet import init_he
+from ..layers.weight_init import init_he
 
 
 class ResNeXtBottleneck(nn.Module):

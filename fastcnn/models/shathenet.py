@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import ConvAct, create_act
+from ..layers.weight_init import init_he
 from ..registry import register_model
 
 # (out, kernel, stride, activated?) or "p" (2x2 max-pool, floor like Keras 'valid').
@@ -48,10 +49,7 @@ class ShatheNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(chs * side * side, HIDDEN[version]),
                                         create_act(act), nn.Linear(HIDDEN[version], num_classes))
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+        init_he(self, mode="fan_in", layers=(nn.Conv2d, nn.Linear))
 
     def forward(self, x):
         if self.img_size is not None and tuple(x.shape[-2:]) != (self.img_size, self.img_size):

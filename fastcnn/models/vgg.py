@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import ConvBnAct, create_act
+from ..layers.weight_init import init_he
 from ..registry import register_model
 
 CFG19 = [64, 64, "p", 128, 128, "p", 256, 256, 256, 256, "p", 512, 512, 512, 512, "p",
@@ -35,10 +36,7 @@ class VGG(nn.Module):
             nn.Linear(4096, 4096), nn.BatchNorm1d(4096), create_act(act), nn.Dropout(drop_rate),
             nn.Linear(4096, num_classes),
         )
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+        init_he(self, mode="fan_in", layers=(nn.Conv2d, nn.Linear))
 
     def forward(self, x):
         return self.classifier(self.features(x))

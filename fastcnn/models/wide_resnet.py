@@ -16,7 +16,7 @@ from torch import nn
 
 from ..layers import BnAct, BnActConv
 from ..registry import register_model
-from .resnet import init_he
+from ..layers.weight_init import init_he
 
 
 class WideBasic(nn.Module):
