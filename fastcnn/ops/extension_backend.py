@@ -1,11 +1,39 @@
 """The ``cuda`` and ``cpu`` backends: the compiled extension ``fastcnn._C``, whose ops are
-registered with the dispatcher as ``torch.ops.fastcnn.*``."""
+registered with the dispatcher as ``torch.ops.fastcnn.*`` (schemas in ``csrc/ops.cpp``).
+
+This module is the only Python code that talks to the extension. It registers, for every
+op, an autograd formula (``torch.library.register_autograd``) and a fake implementation
+(``torch.library.register_fake``) so the ops work under autograd and ``torch.compile``, and
+implements the four public ops on top of them:
+
+* ``bn_act``       training: ``bn_act_forward`` (batch statistics + normalise + residual +
+                   act, one kernel pair) and the running-statistics update (unbiased
+                   variance, as ``nn.BatchNorm2d``); eval: BN folded into a per-channel
+                   scale/shift, then ``scale_shift_act``
+* ``conv_bn_act``  convolution through ``F.conv2d`` (cuDNN / oneDNN), then ``bn_act``
+* ``conv_act``     convolution without bias, then ``scale_shift_act`` (bias + residual + act)
+* ``se_block``     ``se_block_forward``
+
+Convolution choice: the direct ``grouped_conv2d`` op (csrc/*/grouped_conv_kernel.*) is
+registered and tested, but ``conv_bn_act`` / ``conv_act`` use ``F.conv2d`` for every shape;
+see ``GROUPED_CONV_NOTE`` for the CPU measurement behind that.
+"""
 from __future__ import annotations
 
 import importlib
 
-#: op name -> whether the extension implements it, filled from ``fastcnn._C`` when it loads
+import torch
+import torch.nn.functional as F
+
+OPS_IN_EXTENSION = ("conv_bn_act", "bn_act", "conv_act", "se_block")
+
+#: the public ops this backend implements once ``fastcnn._C`` has loaded (empty otherwise)
 IMPLEMENTED_OPS: tuple[str, ...] = ()
+
+GROUPED_CONV_NOTE = (
+    "grouped_conv2d (direct kernel) is slower than oneDNN's grouped convolution at the "
+    "ResNeXt-29 shapes on CPU (bench/RESULTS.md), so conv_bn_act uses F.conv2d."
+)
 
 
 def _extension():
@@ -21,6 +49,208 @@ def unavailable_reason(op: str, device_type: str, backend: str) -> str | None:
         return f"{backend}: the extension fastcnn._C is not built ({err}); run `pip install -e .`"
     if backend != device_type:
         return f"{backend}: backend {backend!r} runs on {backend} tensors, not {device_type}"
+    if backend == "cuda" and not ext.has_cuda():
+        return "cuda: fastcnn._C was built without its CUDA kernels (FASTCNN_CUDA=0 or no nvcc); rebuild with `pip install -e .`"
     if op not in IMPLEMENTED_OPS:
         return f"{backend}: the extension has no {op!r} op"
     return None
+
+
+# --------------------------------------------------------------------------- fake impls
+def _kernel_format(x: torch.Tensor) -> torch.memory_format:
+    """Mirror of ``kernel_format`` in csrc/channel_act.h: the layout of the kernels' outputs."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_kernel_format(x))
+
+
+def _none_grad(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(0)
+
+
+def _f32(x: torch.Tensor, *shape) -> torch.Tensor:
+    return x.new_empty(shape, dtype=torch.float32)
+
+
+def _register_fakes() -> None:
+    lib = "fastcnn::"
+
+    @torch.library.register_fake(lib + "bn_act_forward")
+    def _(x, weight, bias, residual, eps, act, act_param):
+        return _like(x), _f32(x, x.shape[1]), _f32(x, x.shape[1])
+
+    @torch.library.register_fake(lib + "bn_act_backward")
+    def _(grad_y, x, weight, bias, residual, mean, var, eps, act, act_param):
+        gr = _like(x) if residual is not None else _none_grad(x)
+        return _like(x), gr, torch.empty_like(weight), torch.empty_like(bias)
+
+    @torch.library.register_fake(lib + "scale_shift_act")
+    def _(x, scale, shift, residual, act, act_param):
+        return _like(x)
+
+    @torch.library.register_fake(lib + "scale_shift_act_backward")
+    def _(grad_y, x, scale, shift, residual, act, act_param):
+        gr = _like(x) if residual is not None else _none_grad(x)
+        gs = torch.empty_like(scale) if scale is not None else _none_grad(x)
+        gt = torch.empty_like(shift) if shift is not None else _none_grad(x)
+        return _like(x), gr, gs, gt
+
+    @torch.library.register_fake(lib + "se_block_forward")
+    def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param):
+        return _like(x), _f32(x, x.shape[0], x.shape[1])
+
+    @torch.library.register_fake(lib + "se_block_backward")
+    def _(grad_y, x, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param):
+        gr = _like(x) if residual is not None else _none_grad(x)
+        gb1 = (fc1_bias if fc1_bias is not None else fc1_weight).new_empty(fc1_weight.shape[0])
+        gb2 = (fc2_bias if fc2_bias is not None else fc2_weight).new_empty(fc2_weight.shape[0])
+        return (_like(x), gr, torch.empty_like(fc1_weight), gb1, torch.empty_like(fc2_weight), gb2)
+
+    @torch.library.register_fake(lib + "grouped_conv2d")
+    def _(x, weight, stride, padding, dilation, groups):
+        n, _c, h, w = x.shape
+        k, _ci, kh, kw = weight.shape
+        oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        return x.new_empty((n, k, oh, ow), memory_format=_kernel_format(x))
+
+    @torch.library.register_fake(lib + "grouped_conv2d_backward")
+    def _(grad_y, x, weight, stride, padding, dilation, groups, output_mask):
+        gx = _like(x) if output_mask[0] else _none_grad(x)
+        gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] else _none_grad(weight)
+        return gx, gw
+
+
+# --------------------------------------------------------------------------- autograd
+def _register_autograd() -> None:
+    ops = torch.ops.fastcnn
+
+    # bn_act_forward -------------------------------------------------------------------
+    def bn_setup(ctx, inputs, output):
+        x, weight, bias, residual, eps, act, act_param = inputs
+        _, mean, var = output
+        ctx.save_for_backward(x, weight, bias, residual, mean, var)
+        ctx.args = (eps, act, act_param)
+        ctx.has_residual = residual is not None
+
+    def bn_backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, weight, bias, residual, mean, var = ctx.saved_tensors
+        gx, gr, gw, gb = ops.bn_act_backward(grad_y, x, weight, bias, residual if ctx.has_residual else None,
+                                             mean, var, *ctx.args)
+        return gx, gw, gb, (gr if ctx.has_residual else None), None, None, None
+
+    torch.library.register_autograd("fastcnn::bn_act_forward", bn_backward, setup_context=bn_setup)
+
+    # scale_shift_act ------------------------------------------------------------------
+    def ss_setup(ctx, inputs, output):
+        x, scale, shift, residual, act, act_param = inputs
+        ctx.save_for_backward(x, scale, shift, residual)
+        ctx.present = (scale is not None, shift is not None, residual is not None)
+        ctx.args = (act, act_param)
+
+    def ss_backward(ctx, grad_y):
+        x, scale, shift, residual = ctx.saved_tensors
+        has_s, has_t, has_r = ctx.present
+        gx, gr, gs, gt = ops.scale_shift_act_backward(
+            grad_y, x, scale if has_s else None, shift if has_t else None,
+            residual if has_r else None, *ctx.args)
+        return gx, (gs if has_s else None), (gt if has_t else None), (gr if has_r else None), None, None
+
+    torch.library.register_autograd("fastcnn::scale_shift_act", ss_backward, setup_context=ss_setup)
+
+    # se_block_forward -----------------------------------------------------------------
+    def se_setup(ctx, inputs, output):
+        x, w1, b1, w2, b2, residual, act, act_param = inputs
+        ctx.save_for_backward(x, output[1], w1, b1, w2, b2, residual)
+        ctx.present = (b1 is not None, b2 is not None, residual is not None)
+        ctx.args = (act, act_param)
+
+    def se_backward(ctx, grad_y, _grad_pooled):
+        x, pooled, w1, b1, w2, b2, residual = ctx.saved_tensors
+        has_b1, has_b2, has_r = ctx.present
+        gx, gr, gw1, gb1, gw2, gb2 = ops.se_block_backward(
+            grad_y, x, pooled, w1, b1 if has_b1 else None, w2, b2 if has_b2 else None,
+            residual if has_r else None, *ctx.args)
+        return (gx, gw1, (gb1 if has_b1 else None), gw2, (gb2 if has_b2 else None),
+                (gr if has_r else None), None, None)
+
+    torch.library.register_autograd("fastcnn::se_block_forward", se_backward, setup_context=se_setup)
+
+    # grouped_conv2d -------------------------------------------------------------------
+    def gc_setup(ctx, inputs, output):
+        x, weight, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.args = (stride, padding, dilation, groups)
+
+    def gc_backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1]]
+        gx, gw = ops.grouped_conv2d_backward(grad_y, x, weight, *ctx.args, mask)
+        return (gx if mask[0] else None), (gw if mask[1] else None), None, None, None, None
+
+    torch.library.register_autograd("fastcnn::grouped_conv2d", gc_backward, setup_context=gc_setup)
+
+
+def _load() -> tuple[str, ...]:
+    ext, _ = _extension()
+    if ext is None or not hasattr(torch.ops.fastcnn, "bn_act_forward"):
+        return ()
+    _register_fakes()
+    _register_autograd()
+    return OPS_IN_EXTENSION
+
+
+IMPLEMENTED_OPS = _load()
+
+
+# --------------------------------------------------------------------------- public ops
+def _update_running_stats(running_mean, running_var, mean, var, count, momentum):
+    """In place, as ``nn.BatchNorm2d``: the running variance takes the unbiased estimate."""
+    if running_mean is None or momentum == 0.0:
+        return
+    with torch.no_grad():
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+
+
+def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, momentum=0.1,
+           eps=1e-5, act="relu", act_param=0.0, residual=None):
+    if training:
+        count = x.numel() // x.shape[1]
+        if count <= 1:
+            raise ValueError(f"bn_act in training mode needs more than one value per channel, "
+                             f"got x of shape {tuple(x.shape)}")
+        y, mean, var = torch.ops.fastcnn.bn_act_forward(x, bn_weight, bn_bias, residual, eps, act, act_param)
+        _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        return y
+    # eval: fold BN into scale/shift (tiny ops; autograd reaches bn_weight / bn_bias)
+    scale = bn_weight.float() * torch.rsqrt(running_var.float() + eps)
+    shift = bn_bias.float() - running_mean.float() * scale
+    return torch.ops.fastcnn.scale_shift_act(x, scale, shift, residual, act, act_param)
+
+
+def conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *,
+                stride=1, padding=0, dilation=1, groups=1, training=True, momentum=0.1,
+                eps=1e-5, act="relu", act_param=0.0, residual=None):
+    z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return bn_act(z, bn_weight, bn_bias, running_mean, running_var, training=training,
+                  momentum=momentum, eps=eps, act=act, act_param=act_param, residual=residual)
+
+
+def conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act="relu",
+             act_param=0.0, residual=None):
+    z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    if bias is None and residual is None and act == "identity":
+        return z
+    return torch.ops.fastcnn.scale_shift_act(z, None, bias, residual, act, act_param)
+
+
+def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, act="relu",
+             act_param=0.0):
+    y, _pooled = torch.ops.fastcnn.se_block_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                                    residual, act, act_param)
+    return y

@@ -1,0 +1,49 @@
+// Small helpers shared by the op implementations in csrc/*.cpp: argument checks (clear
+// messages before any kernel runs), layout handling and the device guard.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+
+#include "channel_act.h"
+
+namespace fastcnn {
+
+inline void check_activation(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "fastcnn: ", name, " must be 4-D (N, C, H, W), got ", x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
+                       x.scalar_type() == at::kBFloat16,
+                   "fastcnn: ", name, " must be float32, float16 or bfloat16, got ", x.scalar_type());
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), "fastcnn: ", name, " has shape ", t.sizes(),
+                    " but x has shape ", x.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "fastcnn: ", name, " has dtype ",
+                   t.scalar_type(), " but x has ", x.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "fastcnn: ", name, " is on ", t.device(),
+                    " but x is on ", x.device());
+}
+
+inline void check_vector(const at::Tensor& t, int64_t n, const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.numel() == n, "fastcnn: ", name, " must have shape [", n,
+                    "], got ", t.sizes());
+  TORCH_CHECK_TYPE(t.is_floating_point(), "fastcnn: ", name, " must be floating point");
+  TORCH_CHECK_VALUE(t.device() == x.device(), "fastcnn: ", name, " is on ", t.device(),
+                    " but x is on ", x.device());
+}
+
+// fp32, contiguous copy of a small parameter vector (or a view when it already is one)
+inline at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+inline at::Tensor in_format(const c10::optional<at::Tensor>& t, at::MemoryFormat fmt) {
+  return t.has_value() && t->defined() ? t->contiguous(fmt) : at::Tensor();
+}
+
+inline at::Tensor empty_in_format(const at::Tensor& x, at::MemoryFormat fmt) {
+  return at::empty(x.sizes(), x.options().memory_format(fmt));
+}
+
+inline at::Tensor no_grad_tensor(const at::Tensor& x) { return at::empty({0}, x.options()); }
+
+}  // namespace fastcnn
