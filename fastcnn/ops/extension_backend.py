@@ -116,7 +116,7 @@ def _register_fakes() -> None:
         k, _ci, kh, kw = weight.shape
         oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
         ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        return x.new_empty((n, k, oh, ow), memory_format=_kernel_format(x))
+        return torch.empty((n, k, oh, ow), dtype=x.dtype, device=x.device, memory_format=_kernel_format(x))
 
     @torch.library.register_fake(lib + "grouped_conv2d_backward")
     def _(grad_y, x, weight, stride, padding, dilation, groups, output_mask):
