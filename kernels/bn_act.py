@@ -18,7 +18,9 @@ channels (BLOCK_M x BLOCK_C, channels contiguous).
 * **Apply**: ``_bn_apply_kernel`` writes ``y = act(x*scale + shift [+ residual])``.
 * **Saved for backward**: the BN input (NHWC, its own dtype), per-channel mean and invstd
   (fp32), and a reference to the residual only when a non-identity activation follows it.
-  The normalised and activated values are recomputed.
+  The normalised and activated values are recomputed. In training the output is marked
+  rebuildable (:mod:`fastcnn.recompute`), so the conv that consumes it inside a fused model
+  keeps a recipe instead of a second activation.
 * **Backward**, one reduction pass then one elementwise pass:
   ``_bn_bwd_reduce_kernel`` recomputes ``v = xhat*gamma + beta [+ r]`` and
   ``du = dy * act'(v)`` and reduces per-channel ``sum(du)`` and ``sum(du*xhat)`` (fp32
@@ -31,12 +33,34 @@ over the per-slab partials of the backward reduction.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from ..recompute import mark_rebuildable
 from .activations import act_code, act_grad, apply_act
 from .utils import from_nhwc, interpreting, pow2, to_nhwc
+
+
+def nchw_output(yh: torch.Tensor) -> torch.Tensor:
+    """The (N, C, H, W) channels_last tensor an op returns for its NHWC result buffer ``yh``.
+    Unlike ``from_nhwc`` (a view) it owns the storage, so callers may change it in place
+    (``relu_``, ``+=``): autograd forbids in-place changes to views made in a custom Function."""
+    n, h, w, c = yh.shape
+    out = yh.new_empty(0)
+    return out.set_(yh.untyped_storage(), yh.storage_offset(), (n, c, h, w), (h * w * c, 1, w * c, c))
+
+
+def cfg_records(cfg: tuple) -> bool:
+    """The last item of an op's cfg: was grad mode on when the op was called (so autograd
+    records it)? Inside ``Function.forward`` grad mode is always off."""
+    return cfg[-1]
+
+
+def rebuild_nchw(fn, *args):
+    return nchw_output(fn(*args))
 
 
 # --------------------------------------------------------------------------- kernels
@@ -308,7 +332,7 @@ def bn_act_backward(dyh, xh, mean, invstd, bn_weight, bn_bias, rh, act, act_para
 class _BnActFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, residual, cfg):
-        training, momentum, eps, act, act_param = cfg
+        training, momentum, eps, act, act_param, _ = cfg
         xh = to_nhwc(x)
         rh = to_nhwc(residual)
         c = xh.shape[-1]
@@ -322,16 +346,19 @@ class _BnActFn(torch.autograd.Function):
         mean, invstd, scale, shift = bn_finalize(pmean, pm2, rows, m, bn_weight, bn_bias, running_mean,
                                                  running_var, training=training, momentum=momentum,
                                                  eps=eps, device=x.device)
-        y = bn_apply(xh, scale, shift, rh, act, act_param)
+        y = nchw_output(bn_apply(xh, scale, shift, rh, act, act_param))
+        if training and rh is None and cfg_records(cfg) and any(ctx.needs_input_grad[:3]):
+            # consumers (the conv of a pre-activation unit) keep a recipe, not y
+            mark_rebuildable(y, functools.partial(rebuild_nchw, bn_apply, xh, scale, shift, None, act, act_param))
         ctx.cfg = cfg
         ctx.save_for_backward(xh, mean, invstd, bn_weight, bn_bias,
                               rh if act != "identity" else None)
-        return from_nhwc(y)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         xh, mean, invstd, bn_weight, bn_bias, rh = ctx.saved_tensors
-        training, _, _, act, act_param = ctx.cfg
+        training, _, _, act, act_param, _ = ctx.cfg
         need_x, need_w, need_b, _, _, need_r = ctx.needs_input_grad[:6]
         dyh = to_nhwc(dy.to(xh.dtype))
         dx, s_du, s_dux, dres = bn_act_backward(dyh, xh, mean, invstd, bn_weight, bn_bias, rh, act,
@@ -349,4 +376,5 @@ def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, m
            eps=1e-5, act="relu", act_param=0.0, residual=None):
     """Same signature and result as :func:`fastcnn.ops.reference.bn_act`."""
     return _BnActFn.apply(x, bn_weight, bn_bias, running_mean, running_var, residual,
-                          (bool(training), float(momentum), float(eps), act, float(act_param)))
+                          (bool(training), float(momentum), float(eps), act, float(act_param),
+                           torch.is_grad_enabled()))

@@ -16,11 +16,13 @@ Design
 * **Saved for backward**: ``x`` (NHWC; a view when the input is channels_last), the weight,
   ``z`` in the compute dtype, fp32 per-channel mean / invstd, and a reference to the
   residual only when a non-identity activation follows it. The normalised and activated
-  values are never stored. Per layer that leaves ``z`` plus the input -- the previous
-  layer's output, which the previous layer no longer keeps for itself -- i.e. no separate
-  BN output / activation mask. Not done yet: applying the previous layer's BN+act in this
-  conv's A-tile prologue (so ``y`` would never be materialised and the saving would be
-  one activation per layer).
+  values are never stored. In training (no residual) the output ``y`` is marked as
+  rebuildable from ``z``/scale/shift (:mod:`fastcnn.recompute`): inside a fused model the next
+  layer's saved ``x`` is then a recipe, not a tensor, so a chain of these layers keeps one
+  activation (``z``) per layer; ``y`` is rebuilt by the same ``bn_apply`` launch in backward.
+  (The alternative -- applying the previous layer's BN+act in this conv's A-tile prologue --
+  would also avoid writing ``y`` in forward, but needs the BN statistics of a whole batch
+  before the consumer conv starts, i.e. the same two passes.)
 * **Backward**: the fused act + BN backward of :mod:`.bn_act` (one reduction pass giving
   dgamma / dbeta, one elementwise pass giving dz and dresidual); the conv bias gradient is
   ``sum(dz)``, which BN's mean subtraction makes exactly 0 in training (eval:
@@ -29,9 +31,12 @@ Design
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .bn_act import bn_act_backward, bn_apply, bn_finalize, check_batch
+from ..recompute import mark_rebuildable
+from .bn_act import cfg_records, rebuild_nchw, bn_act_backward, bn_apply, bn_finalize, check_batch, nchw_output
 from .conv_gemm import conv_dgrad, conv_fwd, conv_geom, conv_wgrad
 from .utils import from_nhwc, to_nhwc
 
@@ -39,23 +44,26 @@ from .utils import from_nhwc, to_nhwc
 class _ConvBnActFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, cfg):
-        stride, padding, dilation, groups, training, momentum, eps, act, act_param = cfg
+        stride, padding, dilation, groups, training, momentum, eps, act, act_param, _ = cfg
         gm = conv_geom(x.shape, weight.shape, stride, padding, dilation, groups)
         check_batch(gm.m, gm.cout, training)
         xh = to_nhwc(x)
         rh = to_nhwc(residual)
-        need_grad = any(ctx.needs_input_grad[:8])
+        # autograd runs forward with grad mode off; the wrapper tells whether it records
+        need_grad = cfg_records(cfg) and any(ctx.needs_input_grad[:8])
         if training:
             out = conv_fwd(xh, weight, bias, gm, store_y=False, stats=True)
             z = out.z
             mean, invstd, scale, shift = bn_finalize(
                 out.pmean, out.pm2, out.block_m, gm.m, bn_weight, bn_bias, running_mean, running_var,
                 training=True, momentum=momentum, eps=eps, device=x.device)
-            y = bn_apply(z, scale, shift, rh, act, act_param)
+            y = nchw_output(bn_apply(z, scale, shift, rh, act, act_param))
+            if need_grad and rh is None:  # consumers keep a recipe, not y (fastcnn.recompute)
+                mark_rebuildable(y, functools.partial(rebuild_nchw, bn_apply, z, scale, shift, None, act, act_param))
         else:
             out = conv_fwd(xh, weight, bias, gm, residual=rh, act=act, act_param=act_param,
                            bn_eval=(running_mean, running_var, bn_weight, bn_bias, eps), store_z=need_grad)
-            y, z = out.y, out.z
+            y, z = nchw_output(out.y), out.z
             if need_grad:
                 mean = running_mean.to(torch.float32, copy=True)
                 invstd = torch.rsqrt(running_var.to(torch.float32) + eps)
@@ -64,12 +72,12 @@ class _ConvBnActFn(torch.autograd.Function):
         if need_grad:
             ctx.save_for_backward(xh, weight, z, mean, invstd, bn_weight, bn_bias,
                                   rh if act != "identity" else None)
-        return from_nhwc(y)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         xh, weight, z, mean, invstd, bn_weight, bn_bias, rh = ctx.saved_tensors
-        _, _, _, _, training, _, _, act, act_param = ctx.cfg
+        _, _, _, _, training, _, _, act, act_param, _ = ctx.cfg
         gm = ctx.geom
         need_x, need_w, need_b, need_g, need_beta, _, _, need_r = ctx.needs_input_grad[:8]
         dyh = to_nhwc(dy.to(xh.dtype))
@@ -95,5 +103,5 @@ def conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
                 eps=1e-5, act="relu", act_param=0.0, residual=None):
     """Same signature and result as :func:`fastcnn.ops.reference.conv_bn_act`."""
     cfg = (tuple(stride), tuple(padding), tuple(dilation), int(groups), bool(training), float(momentum),
-           float(eps), act, float(act_param))
+           float(eps), act, float(act_param), torch.is_grad_enabled())
     return _ConvBnActFn.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, cfg)

@@ -1,6 +1,8 @@
 """Shared building blocks of the zoo; each has a reference and a fused path (``fused=True``)."""
 from torch import nn
 
+from .. import recompute
+
 from .activations import create_act, fused_act_name, list_activations, FUSED_ACTIVATIONS
 from .conv_bn_act import BnAct, BnActConv, ConvAct, ConvBnAct
 from .squeeze_excite import SqueezeExcite
@@ -11,11 +13,13 @@ FUSABLE_LAYERS = (ConvBnAct, BnAct, BnActConv, ConvAct, SqueezeExcite)
 
 def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
     """Switch every fusable layer of ``model`` to the fused (or reference) path, in place.
-    Parameters and buffers are untouched, so the state_dict stays the same."""
+    Parameters and buffers are untouched, so the state_dict stays the same. Fused, the
+    model's forward also keeps BN+activation outputs as recipes rather than tensors for
+    backward (:mod:`fastcnn.recompute`): one saved activation per conv layer."""
     for m in model.modules():
         if isinstance(m, FUSABLE_LAYERS):
             m.fused = bool(fused)
-    return model
+    return recompute.enable(model) if fused else recompute.disable(model)
 
 
 __all__ = ["create_act", "fused_act_name", "list_activations", "FUSED_ACTIVATIONS", "ConvBnAct",

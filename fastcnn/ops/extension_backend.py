@@ -20,10 +20,13 @@ see ``GROUPED_CONV_NOTE`` for the CPU measurement behind that.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
 import torch.nn.functional as F
+
+from ..recompute import active as _rebuild_active, mark_rebuildable
 
 OPS_IN_EXTENSION = ("conv_bn_act", "bn_act", "conv_act", "se_block")
 
@@ -218,6 +221,21 @@ def _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
 
 
+def _rebuild_scale_shift_act(x, scale, shift, act, act_param):
+    with torch.no_grad():
+        return torch.ops.fastcnn.scale_shift_act(x, scale, shift, None, act, act_param)
+
+
+def _mark_rebuildable_bn(y, x, bn_weight, bn_bias, mean, var, eps, act, act_param):
+    """Let consumers keep a recipe for ``y`` (fastcnn.recompute). The scale/shift are computed
+    with the same ATen ops as ``bn_act_forward`` (csrc/bn_act.cpp) and applied by the same
+    elementwise kernel, so the rebuilt tensor equals ``y`` bit for bit."""
+    with torch.no_grad():
+        scale = bn_weight.detach().float() * torch.rsqrt(var + eps)
+        shift = bn_bias.detach().float() - mean * scale
+    mark_rebuildable(y, functools.partial(_rebuild_scale_shift_act, x.detach(), scale, shift, act, act_param))
+
+
 def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, momentum=0.1,
            eps=1e-5, act="relu", act_param=0.0, residual=None):
     if training:
@@ -227,6 +245,8 @@ def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, m
                              f"got x of shape {tuple(x.shape)}")
         y, mean, var = torch.ops.fastcnn.bn_act_forward(x, bn_weight, bn_bias, residual, eps, act, act_param)
         _update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        if residual is None and _rebuild_active() and y.requires_grad:
+            _mark_rebuildable_bn(y, x, bn_weight, bn_bias, mean, var, eps, act, act_param)
         return y
     # eval: fold BN into scale/shift (tiny ops; autograd reaches bn_weight / bn_bias)
     scale = bn_weight.float() * torch.rsqrt(running_var.float() + eps)
@@ -247,7 +267,12 @@ def conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act=
     z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
     if bias is None and residual is None and act == "identity":
         return z
-    return torch.ops.fastcnn.scale_shift_act(z, None, bias, residual, act, act_param)
+    y = torch.ops.fastcnn.scale_shift_act(z, None, bias, residual, act, act_param)
+    if residual is None and _rebuild_active() and y.requires_grad:
+        # the op keeps z for its own backward; consumers of y keep a recipe (fastcnn.recompute)
+        shift = None if bias is None else bias.detach()
+        mark_rebuildable(y, functools.partial(_rebuild_scale_shift_act, z.detach(), None, shift, act, act_param))
+    return y
 
 
 def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, act="relu",

@@ -1,0 +1,158 @@
+"""Fused models keep one activation per conv+BN+act layer for backward (fastcnn.recompute):
+outputs and gradients identical with and without the rebuild hooks, the bytes kept measured
+(fastcnn.memory), and the safety rules (in-place changes, no marks outside fused models)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fastcnn
+from fastcnn import recompute
+from fastcnn.layers import BnActConv, ConvBnAct, set_fused
+from fastcnn.memory import SavedTensorCounter, saved_bytes
+
+
+def _available(backend):
+    op_ok = fastcnn.backend.unavailable_reason(backend, "conv_bn_act", "cpu") is None
+    return pytest.param(backend, marks=pytest.mark.skipif(not op_ok, reason=f"{backend} backend not available"))
+
+
+BACKENDS = [_available("cpu"), _available("triton")]
+
+
+def _small_net():
+    return nn.Sequential(
+        ConvBnAct(3, 8), ConvBnAct(8, 8, act="leaky_relu"), nn.MaxPool2d(2),
+        ConvBnAct(8, 12, stride=2), BnActConv(12, 6, 1), ConvBnAct(6, 5, 1, act="silu"),
+    )
+
+
+def _run(state, x, backend, rebuild, count_rebuilds=None):
+    model = _small_net()
+    model.load_state_dict(state)
+    set_fused(model.train(), True)
+    if not rebuild:
+        recompute.disable(model)
+    with fastcnn.use_backend(backend):
+        y = model(x)
+        (y.square() * torch.linspace(0.5, 1.5, y.numel()).view_as(y)).sum().backward()
+    return y, [p.grad for p in model.parameters()], model
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rebuilt_activations_give_identical_gradients(backend, channels_last, monkeypatch):
+    state = _small_net().state_dict()
+    x = torch.randn(2, 3, 9, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rebuilds = []
+    real_unpack = recompute._unpack
+    monkeypatch.setattr(recompute, "_unpack", lambda p: (rebuilds.append(type(p)), real_unpack(p))[1])
+    y_plain, g_plain, _ = _run(state, x, backend, rebuild=False)
+    assert not rebuilds
+    y, g, model = _run(state, x, backend, rebuild=True)
+    # conv2, max-pool, the BN of the BnActConv and its conv read rebuilt inputs
+    assert sum(1 for t in rebuilds if t is recompute._Rebuild) == 4
+    assert torch.equal(y, y_plain)
+    for (name, _), a, b in zip(model.named_parameters(), g, g_plain):
+        assert torch.equal(a, b), f"gradient of {name} differs when activations are rebuilt"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chain_keeps_one_activation_per_layer(backend):
+    depth, c, hw, n = 4, 8, 8, 2
+    act_bytes = n * c * hw * hw * 4
+    x = torch.randn(n, c, hw, hw)
+
+    def chain(fused):
+        torch.manual_seed(0)
+        return set_fused(nn.Sequential(*[ConvBnAct(c, c) for _ in range(depth)]).train(), fused)
+
+    plain = saved_bytes(chain(False), x)
+    with fastcnn.use_backend(backend):
+        fused = saved_bytes(chain(True), x)
+    # plain PyTorch: the conv input (= previous ReLU output), BN input and ReLU output
+    assert plain >= 2 * depth * act_bytes
+    # fused: each layer's conv output z, plus the network input; the rest are C-sized vectors
+    assert (depth + 1) * act_bytes <= fused <= (depth + 1) * act_bytes + 64 * depth * c * 4
+
+
+@pytest.mark.parametrize("name, at_most", [("simplenet_310k", 0.6), ("vgg19", 0.65), ("resnet20", 0.8), ("allcnn_c", 1.0)])
+def test_zoo_models_keep_less(name, at_most):
+    """Measured on the compiled cpu backend: the fraction of the unfused model's saved bytes
+    that the fused model keeps (SimpleNet ~0.55, VGG-19 ~0.59, ResNet-20 ~0.75, All-CNN-C ~1)."""
+    if fastcnn.backend.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
+        pytest.skip("cpu backend (compiled extension) not built")
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(0)
+    plain = saved_bytes(fastcnn.create_model(name).train(), x)
+    torch.manual_seed(0)
+    with fastcnn.use_backend("cpu"):
+        fused = saved_bytes(fastcnn.create_model(name, fused=True).train(), x)
+    assert fused <= at_most * plain, f"{name}: fused keeps {fused} bytes, unfused {plain}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_changed_in_place_is_saved_not_rebuilt(backend):
+    """y.mul_(2) after the layer: the consumer must see (and differentiate through) the
+    changed values, so the hook keeps the tensor itself."""
+    torch.manual_seed(0)
+    first, second = ConvBnAct(3, 4), ConvBnAct(4, 4, act="identity")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = first, second
+
+        def forward(self, x):
+            y = self.first(x)
+            y.mul_(2)
+            return self.second(y)
+
+    net = Net().train()
+    ref = Net().train()
+    ref.load_state_dict(net.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    set_fused(net, True)
+    with fastcnn.use_backend(backend):
+        out = net(x)
+        out.pow(2).sum().backward()
+    out_ref = ref(x)
+    out_ref.pow(2).sum().backward()
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(net.second.conv.weight.grad, ref.second.conv.weight.grad, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nothing_marked_outside_a_fused_model_or_without_grad(backend):
+    layer = ConvBnAct(3, 4, fused=True).train()  # a standalone layer: no model-level hooks
+    x = torch.randn(2, 3, 5, 5)
+    with fastcnn.use_backend(backend):
+        y = layer(x)
+        assert not hasattr(y, "_fastcnn_rebuild") and not hasattr(y._base, "_fastcnn_rebuild")
+        model = set_fused(nn.Sequential(ConvBnAct(3, 4)).train(), True)
+        with torch.no_grad():
+            y = model(x)
+        root = y if y._base is None else y._base
+        assert not hasattr(root, "_fastcnn_rebuild")
+    assert not recompute.active()
+
+
+def test_hooks_are_removed_and_released_after_an_error():
+    model = set_fused(nn.Sequential(ConvBnAct(3, 4)).train(), True)
+    with pytest.raises(ValueError, match="5 channels"):
+        model(torch.randn(2, 5, 4, 4))  # wrong channel count: fails inside the forward
+    assert not recompute.active()
+    set_fused(model, False)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_counter_counts_distinct_storages():
+    x = torch.randn(3, 4, requires_grad=True)
+    with SavedTensorCounter() as counter:
+        y = x.exp()  # exp saves its result
+        z = x * x    # mul saves x (twice, one storage)
+    (y.sum() + z.sum()).backward()
+    assert counter.tensors == 2 and counter.bytes == 2 * 3 * 4 * 4
