@@ -7,6 +7,11 @@ Environment variables (the FlashAttention convention: the build says what it doe
                         same syntax as TORCH_CUDA_ARCH_LIST, which is honoured if set
   FASTCNN_NO_EXT=1      skip the extension entirely (pure-Python install)
   MAX_JOBS              parallel compile jobs (torch's own variable)
+  FASTCNN_CPU_AVX2=0    skip the AVX2 build of the CPU kernels (default: built on x86-64)
+
+The CPU kernels are compiled twice, as ATen compiles its own: csrc/cpu/*.cpp with the
+ordinary flags (DEFAULT, any CPU) and csrc/cpu/avx2/*.cpp with -mavx2 -mfma -mf16c
+(CPU_CAPABILITY=AVX2); the extension picks one at run time (csrc/cpu/dispatch.cpp).
 
 The extension is built against the torch of the environment it is installed into, so that
 its ABI matches at run time; ``pip install --no-build-isolation -e .`` is the fast path.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 import shutil
 import sys
 import sysconfig
@@ -103,6 +109,45 @@ def pip_cuda_include_dirs() -> list[str]:
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
+# per-file flags of the AVX2 CPU kernels (ATen's own AVX2 flags and capability macros)
+AVX2_SOURCES = "csrc/cpu/avx2/*.cpp"
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
+
+def want_avx2() -> bool:
+    if os.environ.get("FASTCNN_CPU_AVX2", "").strip() == "0":
+        say("FASTCNN_CPU_AVX2=0: building the DEFAULT CPU kernels only")
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386") or sys.platform == "win32":
+        say(f"{platform.machine()}: building the DEFAULT CPU kernels only (AVX2 build is x86-64 with gcc/clang)")
+        return False
+    return True
+
+
+def build_ext_class(base):
+    """torch's BuildExtension, plus per-file flags for the AVX2 CPU kernels: those sources are
+    compiled first, with the extension's own flags and AVX2_FLAGS, and linked after every
+    other object (so that the linker keeps the baseline copy of any inline function the two
+    builds share)."""
+
+    class BuildExt(base):
+        def build_extension(self, ext):
+            avx2 = [s for s in ext.sources if s in getattr(ext, "fastcnn_avx2_sources", ())]
+            if avx2:
+                ext.sources = [s for s in ext.sources if s not in avx2]
+                args = ext.extra_compile_args
+                post = dict(args, cxx=list(args.get("cxx", [])) + AVX2_FLAGS) if isinstance(args, dict) \
+                    else list(args or []) + AVX2_FLAGS
+                macros = list(ext.define_macros) + [(u,) for u in ext.undef_macros]
+                objs = self.compiler.compile(avx2, output_dir=self.build_temp, macros=macros,
+                                             include_dirs=ext.include_dirs, debug=self.debug,
+                                             extra_postargs=post, depends=ext.depends)
+                ext.extra_objects = list(ext.extra_objects or []) + list(objs)
+            super().build_extension(ext)
+
+    return BuildExt
+
+
 def extensions():
     if os.environ.get("FASTCNN_NO_EXT") == "1":
         say("FASTCNN_NO_EXT=1: installing without the extension")
@@ -129,9 +174,14 @@ def extensions():
         ext_cls = CUDAExtension
     else:
         ext_cls = CppExtension
-    ext = ext_cls("fastcnn._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-                  extra_compile_args=extra)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    avx2_sources = sorted(glob.glob(AVX2_SOURCES)) if want_avx2() else []
+    if avx2_sources:
+        define_macros.append(("FASTCNN_CPU_AVX2", None))
+    ext = ext_cls("fastcnn._C", sources + avx2_sources, include_dirs=include_dirs,
+                  define_macros=define_macros, extra_compile_args=extra)
+    ext.fastcnn_avx2_sources = tuple(avx2_sources)
+    build_cls = build_ext_class(BuildExtension).with_options(use_ninja=shutil.which("ninja") is not None)
+    return [ext], {"build_ext": build_cls}
 
 
 ext_modules, cmdclass = extensions()
