@@ -9,6 +9,7 @@ Backends:
                      ``reference``: asking for fused ops that nothing implements is an error.
 
 ``set_backend(name)`` sets it process-wide, ``use_backend(name)`` for a ``with`` block.
+Under ``torch.compile`` the choice is made once, when the graph is traced.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import contextlib
 import importlib
 import os
 import threading
+
+import torch
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 
@@ -69,8 +72,14 @@ def use_backend(name: str):
         _state.override = previous
 
 
+_MODULES: dict = {}
+
+
 def _module(backend: str):
-    return importlib.import_module(BACKEND_MODULES[backend])
+    mod = _MODULES.get(backend)
+    if mod is None:
+        mod = _MODULES[backend] = importlib.import_module(BACKEND_MODULES[backend])
+    return mod
 
 
 def unavailable_reason(backend: str, op: str, device_type: str) -> str | None:
@@ -85,6 +94,20 @@ def unavailable_reason(backend: str, op: str, device_type: str) -> str | None:
 
 def available_backends(op: str, device_type: str) -> list[str]:
     return [b for b in BACKENDS[1:] if unavailable_reason(b, op, device_type) is None]
+
+
+@torch.compiler.assume_constant_result
+def resolve_name(op: str, device_type: str) -> str:
+    """The backend that runs ``op`` on ``device_type`` now (see :func:`resolve`). Under
+    ``torch.compile`` this is evaluated once, when the graph is traced: the compiled model
+    keeps the backend that was chosen then."""
+    return resolve(op, device_type)[0]
+
+
+def implementation(op: str, device_type: str):
+    """The function implementing ``op`` on ``device_type``; traceable by ``torch.compile``
+    (no import or thread-local lookup inside the traced region)."""
+    return getattr(_MODULES[resolve_name(op, device_type)], op)
 
 
 def resolve(op: str, device_type: str):

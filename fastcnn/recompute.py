@@ -34,6 +34,8 @@ _state = threading.local()
 
 def active() -> bool:
     """True while a fused model's forward runs with the rebuild hooks installed."""
+    if torch.compiler.is_compiling():
+        return False
     return getattr(_state, "depth", 0) > 0
 
 

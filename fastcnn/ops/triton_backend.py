@@ -35,8 +35,14 @@ def unavailable_reason(op: str, device_type: str, backend: str = "triton") -> st
     return None
 
 
+_IMPLS: dict = {}
+
+
 def _impl(op):
-    return getattr(importlib.import_module(f"fastcnn.kernels.{KERNEL_MODULES[op]}"), op)
+    fn = _IMPLS.get(op)
+    if fn is None:
+        fn = _IMPLS[op] = getattr(importlib.import_module(f"fastcnn.kernels.{KERNEL_MODULES[op]}"), op)
+    return fn
 
 
 def conv_bn_act(*args, **kwargs):
