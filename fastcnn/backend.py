@@ -44,6 +44,11 @@ class BackendUnavailableError(RuntimeError):
     """A fused op was asked of a backend that is not built or cannot run on this device."""
 
 
+def check_backend(name: str) -> str:
+    """``name`` if it is a backend name, else a ``ValueError`` listing the names."""
+    return _check_name(name)
+
+
 def _check_name(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import recompute
+from .backend import check_backend
 
 
 class SavedTensorCounter:
@@ -58,3 +59,52 @@ def saved_bytes(model: nn.Module, *inputs, backward: bool = True) -> int:
     if backward:
         out.float().sum().backward()
     return counter.bytes
+
+
+def compare_models(names, batch: int = 4, backend: str = "auto"):
+    """Yield ``(name, unfused_bytes_per_image, fused_bytes_per_image)`` for zoo models in
+    training mode (fp32 inputs at the model's default size)."""
+    from .backend import use_backend
+    from .registry import create_model, model_info
+
+    for name in names:
+        info = model_info(name)
+        x = torch.randn(batch, *info.input_size)
+        torch.manual_seed(0)
+        plain = saved_bytes(create_model(name).train(), x)
+        torch.manual_seed(0)
+        with use_backend(backend):
+            fused = saved_bytes(create_model(name, fused=True).train(), x)
+        yield name, plain / batch, fused / batch
+
+
+def main(argv=None) -> None:
+    """``python -m fastcnn.memory [MODEL ...] [--batch N] [--backend B]``: bytes per image
+    that a training forward keeps for backward, unfused vs fused."""
+    import argparse
+
+    from .registry import list_models, model_info
+
+    parser = argparse.ArgumentParser(prog="python -m fastcnn.memory", description=main.__doc__)
+    parser.add_argument("models", nargs="*", help="model names (default: the whole zoo)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--backend", default="auto", help="backend of the fused models")
+    args = parser.parse_args(argv)
+    if args.batch < 2:
+        parser.exit(2, "error: --batch must be at least 2 (training-mode BatchNorm needs it)\n")
+    names = args.models or list_models()
+    try:
+        for name in names:
+            model_info(name)
+        check_backend(args.backend)
+    except ValueError as e:  # unknown model or backend, before any work
+        parser.exit(2, f"error: {e}\n")
+    print("| model | saved / image, unfused | saved / image, fused | fused / unfused |")
+    print("|---|---:|---:|---:|")
+    for name, plain, fused in compare_models(names, args.batch, args.backend):
+        print(f"| `{name}` | {plain / 2**20:,.2f} MiB | {fused / 2**20:,.2f} MiB | {fused / plain:.2f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

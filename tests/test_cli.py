@@ -120,3 +120,21 @@ def test_tensorboard_missing_is_explained(tmp_path):
         pytest.skip("tensorboard is installed here; the missing-package message cannot be shown")
     one_error_line(run("lenet5", "--tensorboard", "--device", "cpu", "--out-dir", str(tmp_path)), 2,
                    "pip install tensorboard")
+
+
+def test_memory_report_compares_saved_bytes():
+    p = run("resnet20", "--batch", "2", module="fastcnn.memory")
+    assert p.returncode == 0, p.stderr
+    row = [l for l in p.stdout.splitlines() if "`resnet20`" in l]
+    assert len(row) == 1
+    ratio = float(row[0].strip(" |").split("|")[-1])
+    assert 0.5 < ratio < 0.9, row  # measured 0.75: the fused model keeps less
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["resnet2"], ["unknown model 'resnet2'"]),
+    (["resnet20", "--backend", "gpu"], ["unknown backend 'gpu'"]),
+    (["resnet20", "--batch", "1"], ["--batch must be at least 2"]),
+])
+def test_memory_report_bad_arguments(args, needles):
+    one_error_line(run(*args, module="fastcnn.memory"), 2, *needles)

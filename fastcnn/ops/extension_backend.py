@@ -11,7 +11,8 @@ implements the four public ops on top of them:
                    variance, as ``nn.BatchNorm2d``); eval: BN folded into a per-channel
                    scale/shift, then ``scale_shift_act``
 * ``conv_bn_act``  convolution through ``F.conv2d`` (cuDNN / oneDNN), then ``bn_act``
-* ``conv_act``     convolution without bias, then ``scale_shift_act`` (bias + residual + act)
+* ``conv_act``     convolution without bias, then ``scale_shift_act`` (bias + residual + act);
+                   with no activation, the convolution with its bias and a plain residual add
 * ``se_block``     ``se_block_forward``
 
 Convolution choice: the direct ``grouped_conv2d`` op (csrc/*/grouped_conv_kernel.*) is
@@ -264,9 +265,11 @@ def conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
 
 def conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act="relu",
              act_param=0.0, residual=None):
+    if act == "identity":
+        # plain adds save nothing for backward (scale_shift_act would keep z and the residual)
+        z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return z if residual is None else z + residual
     z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-    if bias is None and residual is None and act == "identity":
-        return z
     y = torch.ops.fastcnn.scale_shift_act(z, None, bias, residual, act, act_param)
     if residual is None and _rebuild_active() and y.requires_grad:
         # the op keeps z for its own backward; consumers of y keep a recipe (fastcnn.recompute)
