@@ -119,6 +119,53 @@ def _interp_blocks(m, n, k):
     return {"BLOCK_M": pow2(m, 16, 128), "BLOCK_N": pow2(n, 16, 64), "BLOCK_K": pow2(k, 16, 64)}
 
 
+# --------------------------------------------------------------------------- shared pieces
+
+@triton.jit
+def _out_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row / column offsets and in-range masks of this program's output tile (grid axes 0, 1)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_m < M, offs_n, offs_n < N
+
+
+@triton.jit
+def _pixels(offs, H, W):
+    """(n as int64, h, w) of flat indices into an N x H x W pixel grid."""
+    w = offs % W
+    t = offs // W
+    return (t // H).to(tl.int64), t % H, w
+
+
+@triton.jit
+def _tap_chunk(it, n_cb, KW, BLOCK_K: tl.constexpr):
+    """Step ``it`` of the flat (filter tap, channel block) reduction loop, ``n_cb`` channel
+    blocks per tap -> (tap index, kh, kw, the block's channel offsets)."""
+    r = it // n_cb
+    kh = r // KW
+    return r, kh, r - kh * KW, (it - r * n_cb) * BLOCK_K + tl.arange(0, BLOCK_K)
+
+
+@triton.jit
+def _input_rows(n64, oh, ow, kh, kw, H, W, C, SH, SW, PH, PW, DH, DW):
+    """For output pixels (n, oh, ow) and filter tap (kh, kw): the offset of the NHWC row of
+    the input pixel the tap reads, and whether that pixel lies inside the image (padding)."""
+    ih = oh * SH - PH + kh * DH
+    iw = ow * SW - PW + kw * DW
+    return ((n64 * H + ih) * W + iw) * C, (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+
+
+@triton.jit
+def _mma(acc, a_ptrs, a_mask, b_ptrs, b_mask, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + A @ B`` for the masked tiles at ``a_ptrs`` / ``b_ptrs`` (masked-out = 0)."""
+    a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+    b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
 # --------------------------------------------------------------------------- forward
 
 @triton.jit
@@ -135,43 +182,21 @@ def _conv_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     g = tl.program_id(2)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    ow = offs_m % OW
-    t = offs_m // OW
-    oh = t % OH
-    n64 = (t // OH).to(tl.int64)
-    ih0 = oh * SH - PH
-    iw0 = ow * SW - PW
-
-    offs_co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    co_mask = offs_co < COUT_G
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_m, m_mask, offs_co, co_mask = _out_tile(M, COUT_G, BLOCK_M, BLOCK_N)
+    n64, oh, ow = _pixels(offs_m, OH, OW)
 
     w_g = w_ptr + g * (KH * KW * CIN_G * COUT_G)
-    x_c0 = g * CIN_G
     n_cb = tl.cdiv(CIN_G, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(0, KH * KW * n_cb):
-        r = it // n_cb
-        ci = (it - r * n_cb) * BLOCK_K + offs_k
-        kh = r // KW
-        kw = r - kh * KW
-        ih = ih0 + kh * DH
-        iw = iw0 + kw * DW
-        row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_row = ((n64 * H + ih) * W + iw) * C + x_c0
+        r, kh, kw, ci = _tap_chunk(it, n_cb, KW, BLOCK_K)
+        x_row, row_ok = _input_rows(n64, oh, ow, kh, kw, H, W, C, SH, SW, PH, PW, DH, DW)
         k_ok = ci < CIN_G
-        a = tl.load(x_ptr + x_row[:, None] + ci[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_g + (r * CIN_G + ci)[:, None] * COUT_G + offs_co[None, :],
-                    mask=k_ok[:, None] & co_mask[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        acc = _mma(acc, x_ptr + (x_row + g * CIN_G)[:, None] + ci[None, :],
+                   (m_mask & row_ok)[:, None] & k_ok[None, :],
+                   w_g + (r * CIN_G + ci)[:, None] * COUT_G + offs_co[None, :],
+                   k_ok[:, None] & co_mask[None, :], DOT_PREC, UPCAST)
 
     co = g * COUT_G + offs_co
     mask = m_mask[:, None] & co_mask[None, :]
@@ -277,30 +302,15 @@ def _conv_dgrad_kernel(
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     g = tl.program_id(2)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < MX
-    iw = offs_m % W
-    t = offs_m // W
-    ih = t % H
-    n64 = (t // H).to(tl.int64)
-
-    offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ci_mask = offs_ci < CIN_G
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_m, m_mask, offs_ci, ci_mask = _out_tile(MX, CIN_G, BLOCK_M, BLOCK_N)
+    n64, ih, iw = _pixels(offs_m, H, W)
 
     w_g = w_ptr + g * (KH * KW * COUT_G * CIN_G)
-    z_c0 = g * COUT_G
     n_cb = tl.cdiv(COUT_G, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(0, KH * KW * n_cb):
-        r = it // n_cb
-        co = (it - r * n_cb) * BLOCK_K + offs_k
-        kh = r // KW
-        kw = r - kh * KW
+        r, kh, kw, co = _tap_chunk(it, n_cb, KW, BLOCK_K)
         th = ih + PH - kh * DH
         tw = iw + PW - kw * DW
         ok = m_mask & (th >= 0) & (tw >= 0)
@@ -309,15 +319,11 @@ def _conv_dgrad_kernel(
         oh = th // SH
         ow = tw // SW
         ok = ok & (oh * SH == th) & (ow * SW == tw) & (oh < OH) & (ow < OW)
-        z_row = ((n64 * OH + oh) * OW + ow) * COUT + z_c0
+        z_row = ((n64 * OH + oh) * OW + ow) * COUT + g * COUT_G
         k_ok = co < COUT_G
-        a = tl.load(dz_ptr + z_row[:, None] + co[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_g + (r * COUT_G + co)[:, None] * CIN_G + offs_ci[None, :],
-                    mask=k_ok[:, None] & ci_mask[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        acc = _mma(acc, dz_ptr + z_row[:, None] + co[None, :], ok[:, None] & k_ok[None, :],
+                   w_g + (r * COUT_G + co)[:, None] * CIN_G + offs_ci[None, :],
+                   k_ok[:, None] & ci_mask[None, :], DOT_PREC, UPCAST)
 
     out_off = offs_m.to(tl.int64)[:, None] * C + (g * CIN_G + offs_ci)[None, :]
     tl.store(dx_ptr + out_off, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & ci_mask[None, :])
@@ -385,21 +391,12 @@ def _conv_wgrad_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         p = k0 + offs_k
         p_ok = p < k_end
-        ow = p % OW
-        t = p // OW
-        oh = t % OH
-        n64 = (t // OH).to(tl.int64)
-        ih = oh * SH - PH + kh * DH
-        iw = ow * SW - PW + kw * DW
-        x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(dz_ptr + p.to(tl.int64)[None, :] * COUT + (g * COUT_G + offs_co)[:, None],
-                    mask=co_mask[:, None] & p_ok[None, :], other=0.0)
-        x_row = ((n64 * H + ih) * W + iw) * C + g * CIN_G
-        b = tl.load(x_ptr + x_row[:, None] + offs_ci[None, :], mask=x_ok[:, None] & ci_mask[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        n64, oh, ow = _pixels(p, OH, OW)
+        x_row, x_ok = _input_rows(n64, oh, ow, kh, kw, H, W, C, SH, SW, PH, PW, DH, DW)
+        acc = _mma(acc, dz_ptr + p.to(tl.int64)[None, :] * COUT + (g * COUT_G + offs_co)[:, None],
+                   co_mask[:, None] & p_ok[None, :],
+                   x_ptr + (x_row + g * CIN_G)[:, None] + offs_ci[None, :],
+                   (p_ok & x_ok)[:, None] & ci_mask[None, :], DOT_PREC, UPCAST)
 
     # partial dw laid out as [SPLIT, COUT, CIN_G, KH, KW]
     out_off = ((split * COUT + g * COUT_G + offs_co)[:, None] * CIN_G + offs_ci[None, :]) * (KH * KW) + r

@@ -30,63 +30,44 @@ from .activations import act_code, act_grad, apply_act
 from .utils import from_nhwc, interpreting, pow2, to_nhwc
 
 
+# --------------------------------------------------------------------------- shared pieces
+
 @triton.jit
-def _se_pool_kernel(x_ptr, s_ptr, HW, C, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
-    n = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = cols < C
-    acc = tl.zeros((BLOCK_C,), tl.float32)
-    base = x_ptr + n.to(tl.int64) * HW * C
-    for r0 in range(0, HW, BLOCK_HW):
-        rows = r0 + tl.arange(0, BLOCK_HW)
-        mask = (rows < HW)[:, None] & c_ok[None, :]
-        acc += tl.sum(tl.load(base + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32), axis=0)
-    tl.store(s_ptr + n * C + cols, acc / HW, mask=c_ok)
+def _cblock(c0, C, BLOCK_C: tl.constexpr):
+    """Channel offsets starting at ``c0`` and their in-range mask."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    return cols, cols < C
 
 
 @triton.jit
-def _se_fc_kernel(s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, g_ptr, C, HID,
-                  HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
-    n = tl.program_id(0)
-    hid = tl.arange(0, BLOCK_H)
-    h_ok = hid < HID
-    acc = tl.zeros((BLOCK_H,), tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        c_ok = cols < C
-        s = tl.load(s_ptr + n * C + cols, mask=c_ok, other=0.0)
-        w1 = tl.load(w1_ptr + hid[:, None] * C + cols[None, :], mask=h_ok[:, None] & c_ok[None, :], other=0.0)
-        acc += tl.sum(w1.to(tl.float32) * s[None, :], axis=1)
-    if HAS_B1:
-        acc += tl.load(b1_ptr + hid, mask=h_ok, other=0.0).to(tl.float32)
-    h = tl.where(h_ok, tl.maximum(acc, 0.0), 0.0)
-    tl.store(h_ptr + n * HID + hid, h, mask=h_ok)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        c_ok = cols < C
-        w2 = tl.load(w2_ptr + cols[:, None] * HID + hid[None, :], mask=c_ok[:, None] & h_ok[None, :], other=0.0)
-        logit = tl.sum(w2.to(tl.float32) * h[None, :], axis=1)
-        if HAS_B2:
-            logit += tl.load(b2_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
-        tl.store(g_ptr + n * C + cols, 1.0 / (1.0 + tl.exp(-logit)), mask=c_ok)
+def _hw_chunk(n, r0, HW, C, cols, c_ok, BLOCK_HW: tl.constexpr):
+    """Offsets and mask of rows ``r0 ..`` of sample ``n``'s ``[HW, C]`` slab (channels ``cols``)."""
+    rows = r0 + tl.arange(0, BLOCK_HW)
+    return (n.to(tl.int64) * HW + rows)[:, None] * C + cols[None, :], (rows < HW)[:, None] & c_ok[None, :]
 
 
 @triton.jit
-def _se_apply_kernel(x_ptr, g_ptr, res_ptr, y_ptr, R, HW, C, act_param,
-                     ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _rows_tile(R, HW, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of the NHWC matrix ``[R = N*HW, C]``: element offsets, offsets into
+    the per-sample ``[N, C]`` vectors, and the mask."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    r_ok = rows < R
-    mask = r_ok[:, None] & (cols < C)[None, :]
-    off = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    gate = tl.load(g_ptr + (rows // HW)[:, None] * C + cols[None, :], mask=mask, other=0.0)
-    v = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) * gate
-    if HAS_RES:
-        v += tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    v = apply_act(v, act_param, ACT)
-    tl.store(y_ptr + off, v.to(y_ptr.dtype.element_ty), mask=mask)
+    cols, c_ok = _cblock(tl.program_id(1) * BLOCK_C, C, BLOCK_C)
+    mask = (rows < R)[:, None] & c_ok[None, :]
+    return rows.to(tl.int64)[:, None] * C + cols[None, :], (rows // HW)[:, None] * C + cols[None, :], mask
+
+
+@triton.jit
+def _w1_block(w1_ptr, hid, h_ok, cols, c_ok, C):
+    """fp32 ``[BLOCK_H, BLOCK_C]`` block of fc1's weight ``[HID, C]``."""
+    return tl.load(w1_ptr + hid[:, None] * C + cols[None, :], mask=h_ok[:, None] & c_ok[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _w2_block(w2_ptr, cols, c_ok, hid, h_ok, HID):
+    """fp32 ``[BLOCK_C, BLOCK_H]`` block of fc2's weight ``[C, HID]``."""
+    return tl.load(w2_ptr + cols[:, None] * HID + hid[None, :], mask=c_ok[:, None] & h_ok[None, :],
+                   other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -102,19 +83,68 @@ def _se_du(dy_ptr, x_ptr, res_ptr, off, mask, gate, act_param, ACT: tl.constexpr
     return tl.where(mask, du, 0.0), x
 
 
+# --------------------------------------------------------------------------- forward
+
+@triton.jit
+def _se_pool_kernel(x_ptr, s_ptr, HW, C, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    n = tl.program_id(0)
+    cols, c_ok = _cblock(tl.program_id(1) * BLOCK_C, C, BLOCK_C)
+    acc = tl.zeros((BLOCK_C,), tl.float32)
+    for r0 in range(0, HW, BLOCK_HW):
+        off, mask = _hw_chunk(n, r0, HW, C, cols, c_ok, BLOCK_HW)
+        acc += tl.sum(tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32), axis=0)
+    tl.store(s_ptr + n * C + cols, acc / HW, mask=c_ok)
+
+
+@triton.jit
+def _se_fc_kernel(s_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, g_ptr, C, HID,
+                  HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    n = tl.program_id(0)
+    hid = tl.arange(0, BLOCK_H)
+    h_ok = hid < HID
+    acc = tl.zeros((BLOCK_H,), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols, c_ok = _cblock(c0, C, BLOCK_C)
+        s = tl.load(s_ptr + n * C + cols, mask=c_ok, other=0.0)
+        acc += tl.sum(_w1_block(w1_ptr, hid, h_ok, cols, c_ok, C) * s[None, :], axis=1)
+    if HAS_B1:
+        acc += tl.load(b1_ptr + hid, mask=h_ok, other=0.0).to(tl.float32)
+    h = tl.where(h_ok, tl.maximum(acc, 0.0), 0.0)
+    tl.store(h_ptr + n * HID + hid, h, mask=h_ok)
+    for c0 in range(0, C, BLOCK_C):
+        cols, c_ok = _cblock(c0, C, BLOCK_C)
+        logit = tl.sum(_w2_block(w2_ptr, cols, c_ok, hid, h_ok, HID) * h[None, :], axis=1)
+        if HAS_B2:
+            logit += tl.load(b2_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
+        tl.store(g_ptr + n * C + cols, 1.0 / (1.0 + tl.exp(-logit)), mask=c_ok)
+
+
+@triton.jit
+def _se_apply_kernel(x_ptr, g_ptr, res_ptr, y_ptr, R, HW, C, act_param,
+                     ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    off, vec_off, mask = _rows_tile(R, HW, C, BLOCK_M, BLOCK_C)
+    gate = tl.load(g_ptr + vec_off, mask=mask, other=0.0)
+    v = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) * gate
+    if HAS_RES:
+        v += tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    v = apply_act(v, act_param, ACT)
+    tl.store(y_ptr + off, v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- backward
+
 @triton.jit
 def _se_bwd_reduce_kernel(dy_ptr, x_ptr, res_ptr, g_ptr, dg_ptr, dres_ptr, HW, C, act_param,
                           ACT: tl.constexpr, HAS_RES: tl.constexpr, STORE_DRES: tl.constexpr,
                           BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     n = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = cols < C
+    cols, c_ok = _cblock(tl.program_id(1) * BLOCK_C, C, BLOCK_C)
     gate = tl.load(g_ptr + n * C + cols, mask=c_ok, other=0.0)[None, :]
     acc = tl.zeros((BLOCK_C,), tl.float32)
     for r0 in range(0, HW, BLOCK_HW):
-        rows = r0 + tl.arange(0, BLOCK_HW)
-        mask = (rows < HW)[:, None] & c_ok[None, :]
-        off = (n.to(tl.int64) * HW + rows)[:, None] * C + cols[None, :]
+        off, mask = _hw_chunk(n, r0, HW, C, cols, c_ok, BLOCK_HW)
         du, x = _se_du(dy_ptr, x_ptr, res_ptr, off, mask, gate, act_param, ACT, HAS_RES)
         if STORE_DRES:
             tl.store(dres_ptr + off, du.to(dres_ptr.dtype.element_ty), mask=mask)
@@ -130,37 +160,32 @@ def _se_fc_bwd_kernel(dg_ptr, g_ptr, h_ptr, w1_ptr, w2_ptr, dl2_ptr, dh_ptr, ds_
     h_ok = hid < HID
     dh = tl.zeros((BLOCK_H,), tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        c_ok = cols < C
+        cols, c_ok = _cblock(c0, C, BLOCK_C)
         gate = tl.load(g_ptr + n * C + cols, mask=c_ok, other=0.0)
         dl2 = tl.load(dg_ptr + n * C + cols, mask=c_ok, other=0.0) * gate * (1.0 - gate)
         tl.store(dl2_ptr + n * C + cols, dl2, mask=c_ok)
-        w2 = tl.load(w2_ptr + cols[:, None] * HID + hid[None, :], mask=c_ok[:, None] & h_ok[None, :], other=0.0)
-        dh += tl.sum(w2.to(tl.float32) * dl2[:, None], axis=0)
+        dh += tl.sum(_w2_block(w2_ptr, cols, c_ok, hid, h_ok, HID) * dl2[:, None], axis=0)
     h = tl.load(h_ptr + n * HID + hid, mask=h_ok, other=0.0)
     dh = tl.where(h > 0, dh, 0.0)
     tl.store(dh_ptr + n * HID + hid, dh, mask=h_ok)
     for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        c_ok = cols < C
-        w1 = tl.load(w1_ptr + hid[:, None] * C + cols[None, :], mask=h_ok[:, None] & c_ok[None, :], other=0.0)
-        tl.store(ds_ptr + n * C + cols, tl.sum(w1.to(tl.float32) * dh[:, None], axis=0), mask=c_ok)
+        cols, c_ok = _cblock(c0, C, BLOCK_C)
+        ds = tl.sum(_w1_block(w1_ptr, hid, h_ok, cols, c_ok, C) * dh[:, None], axis=0)
+        tl.store(ds_ptr + n * C + cols, ds, mask=c_ok)
 
 
 @triton.jit
 def _se_bwd_apply_kernel(dy_ptr, x_ptr, res_ptr, g_ptr, ds_ptr, dx_ptr, R, HW, C, act_param,
                          ACT: tl.constexpr, HAS_RES: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows < R)[:, None] & (cols < C)[None, :]
-    off = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    vec_off = (rows // HW)[:, None] * C + cols[None, :]
+    off, vec_off, mask = _rows_tile(R, HW, C, BLOCK_M, BLOCK_C)
     gate = tl.load(g_ptr + vec_off, mask=mask, other=0.0)
     du, x = _se_du(dy_ptr, x_ptr, res_ptr, off, mask, gate, act_param, ACT, HAS_RES)
     dx = du * gate + tl.load(ds_ptr + vec_off, mask=mask, other=0.0) / HW
     tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
+
+# --------------------------------------------------------------------------- launchers
 
 def _blocks(rows, c):
     bc = pow2(c, 16, 64)

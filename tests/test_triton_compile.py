@@ -210,9 +210,9 @@ def _scenarios(sweep):
     for dt in dtypes if full else (f32, bf16):
         out.append((f"conv_bn_act train 3x3 c128 {name(dt)}", gemms,
                     conv_bn_act(dt, f32 if dt != f32 else dt, cin=128, cout=128)))
-    for dt in dtypes if full else (bf16,):
-        out.append((f"conv_bn_act eval 3x3 c128 {name(dt)}", {"_conv_fwd_kernel"},
-                    conv_bn_act(dt, f32, cin=128, cout=128, training=False, bias=True)))
+    for dt in dtypes if full else (bf16,):  # gelu: the longest epilogue (eval BN, residual, z and y)
+        out.append((f"conv_bn_act eval 3x3 c128 gelu {name(dt)}", {"_conv_fwd_kernel"},
+                    conv_bn_act(dt, f32, cin=128, cout=128, training=False, bias=True, act="gelu")))
     for dt in dtypes if full else (f16,):
         out.append((f"conv_act 3x3 c128 silu {name(dt)}", {"_conv_fwd_kernel"} if not full else gemms,
                     conv_act(dt, cin=128, cout=128, act="silu")))
@@ -264,7 +264,7 @@ def _config_label(cfg):
     return f"{blocks} w{cfg.num_warps} s{cfg.num_stages}"
 
 
-def _jobs(sweep, archs):
+def _jobs(sweep, archs, only=None):
     """Unique compile jobs: (kernel, config label, scenario, arch, signature, constexprs,
     attrs, options) -- the values Triton's launcher would derive from the captured launch."""
     from triton.backends.compiler import GPUTarget
@@ -275,6 +275,8 @@ def _jobs(sweep, archs):
     jits, tuned = _jit_objects(mods)
     jobs, seen, launched = [], set(), set()
     for label, all_configs, thunk in _scenarios(sweep):
+        if only and only not in label:
+            continue
         log = []
         with _capture(mods, log):
             thunk()
@@ -359,11 +361,11 @@ def _compile(job):
     return rec
 
 
-def run_sweep(sweep="fast", archs=(90,), jobs_n=None):
+def run_sweep(sweep="fast", archs=(90,), jobs_n=None, only=None):
     """Compile every job of the sweep; returns the records, the launched kernels, the source of
     every jit function and the autotune config labels of each autotuned kernel."""
     import multiprocessing as mp
-    jobs, launched, src, configs = _jobs(sweep, archs)
+    jobs, launched, src, configs = _jobs(sweep, archs, only)
     n = jobs_n or int(os.environ.get("FASTCNN_AOT_JOBS", min(2, os.cpu_count() or 1)))
     if n > 1:
         with mp.get_context("fork").Pool(n) as pool:
@@ -488,8 +490,9 @@ if __name__ == "__main__":
     ap.add_argument("--archs", default="90", help="comma-separated compute capabilities, e.g. 90,80")
     ap.add_argument("--json", help="write the records as JSON to this file ('-' = stdout)")
     ap.add_argument("--jobs", type=int, default=None)
+    ap.add_argument("--only", help="only the scenarios whose label contains this text")
     a = ap.parse_args()
-    result = run_sweep(a.sweep, tuple(int(x) for x in a.archs.split(",")), a.jobs)
+    result = run_sweep(a.sweep, tuple(int(x) for x in a.archs.split(",")), a.jobs, a.only)
     if a.json == "-":
         json.dump(result, sys.stdout)
     else:
