@@ -67,6 +67,16 @@ def _cast(t, dtype):
     return None if t is None else t.to(dtype)
 
 
+def _fused_bn_act(bn: nn.BatchNorm2d, act: nn.Module, x, residual=None):
+    """``act(bn(x) [+ residual])`` through :func:`fastcnn.ops.bn_act` (x already in the compute
+    dtype); an activation without a kernel runs afterwards."""
+    name, param, leftover = _kernel_act(act)
+    y = ops.bn_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                   training=_bn_uses_batch_stats(bn), momentum=_bn_factor(bn), eps=bn.eps,
+                   act=name, act_param=param, residual=residual)
+    return y if leftover is None else leftover(y)
+
+
 class _Fusable(nn.Module):
     """Holds the ``fused`` switch; :func:`fastcnn.layers.set_fused` flips it model-wide."""
 
@@ -123,14 +133,9 @@ class BnAct(_Fusable):
             if residual is not None:
                 y = y + residual
             return self.act(y)
-        bn = self.bn
-        name, param, leftover = _kernel_act(self.act)
         dtype = _autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            y = ops.bn_act(x.to(dtype), bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                           training=_bn_uses_batch_stats(bn), momentum=_bn_factor(bn), eps=bn.eps,
-                           act=name, act_param=param, residual=_cast(residual, dtype))
-        return y if leftover is None else leftover(y)
+            return _fused_bn_act(self.bn, self.act, x.to(dtype), _cast(residual, dtype))
 
 
 class BnActConv(_Fusable):
@@ -152,15 +157,10 @@ class BnActConv(_Fusable):
         if not self.fused:
             y = self.conv(self.act(self.bn(x)))
             return y if residual is None else y + residual
-        bn, conv = self.bn, self.conv
-        name, param, leftover = _kernel_act(self.act)
+        conv = self.conv
         dtype = _autocast_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            h = ops.bn_act(x.to(dtype), bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                           training=_bn_uses_batch_stats(bn), momentum=_bn_factor(bn), eps=bn.eps,
-                           act=name, act_param=param)
-            if leftover is not None:
-                h = leftover(h)
+            h = _fused_bn_act(self.bn, self.act, x.to(dtype))
             return ops.conv_act(h, conv.weight.to(dtype), _cast(conv.bias, dtype), stride=conv.stride,
                                 padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                                 act="identity", residual=_cast(residual, dtype))

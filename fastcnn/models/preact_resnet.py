@@ -43,18 +43,13 @@ class PreActBottleneck(nn.Module):
         return self.conv3(self.conv2(self.conv1(x)), residual=shortcut)
 
 
-class PreActResNet(nn.Module):
-    def __init__(self, depth: int, num_classes: int = 10, in_chans: int = 3, act="relu"):
+class PreActNet(nn.Module):
+    """The frame shared by the pre-activation nets (ResNet-164, Wide ResNets): a 3x3 stem with
+    16 channels, the blocks, a final BN-activation, global average pool and a linear layer."""
+
+    def __init__(self, blocks: list, chs: int, num_classes: int, in_chans: int, act):
         super().__init__()
-        if (depth - 2) % 9:
-            raise ValueError(f"pre-activation bottleneck ResNet depth must be 9n+2, got {depth}")
-        n = (depth - 2) // 9
         self.stem = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False)
-        blocks, chs = [], 16
-        for i, planes in enumerate((16, 32, 64)):
-            for j in range(n):
-                blocks.append(PreActBottleneck(chs, planes, 2 if (i > 0 and j == 0) else 1, act))
-                chs = planes * PreActBottleneck.expansion
         self.blocks = nn.Sequential(*blocks)
         self.final = BnAct(chs, act=act)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -64,6 +59,19 @@ class PreActResNet(nn.Module):
     def forward(self, x):
         x = self.final(self.blocks(self.stem(x)))
         return self.fc(self.pool(x).flatten(1))
+
+
+class PreActResNet(PreActNet):
+    def __init__(self, depth: int, num_classes: int = 10, in_chans: int = 3, act="relu"):
+        if (depth - 2) % 9:
+            raise ValueError(f"pre-activation bottleneck ResNet depth must be 9n+2, got {depth}")
+        n = (depth - 2) // 9
+        blocks, chs = [], 16
+        for i, planes in enumerate((16, 32, 64)):
+            for j in range(n):
+                blocks.append(PreActBottleneck(chs, planes, 2 if (i > 0 and j == 0) else 1, act))
+                chs = planes * PreActBottleneck.expansion
+        super().__init__(blocks, chs, num_classes, in_chans, act)
 
 
 @register_model(params=1_703_258, aliases=("preact_resnet164", "resnet164_preact"),

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..layers import BnAct, BnActConv
 from ..registry import register_model
-from ..layers.weight_init import init_he
+from .preact_resnet import PreActNet
 
 
 class WideBasic(nn.Module):
@@ -48,28 +48,18 @@ class WideBasic(nn.Module):
         return self.conv2(out, residual=shortcut)
 
 
-class WideResNet(nn.Module):
+class WideResNet(PreActNet):
     def __init__(self, depth: int, widen: int, num_classes: int = 10, in_chans: int = 3, act="relu",
                  drop_rate: float = 0.0):
-        super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
-        self.stem = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False)
         blocks, chs = [], 16
         for i, w in enumerate((16 * widen, 32 * widen, 64 * widen)):
             for j in range(n):
                 blocks.append(WideBasic(chs, w, 2 if (i > 0 and j == 0) else 1, act, drop_rate))
                 chs = w
-        self.blocks = nn.Sequential(*blocks)
-        self.final = BnAct(chs, act=act)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(chs, num_classes)
-        init_he(self)
-
-    def forward(self, x):
-        x = self.final(self.blocks(self.stem(x)))
-        return self.fc(self.pool(x).flatten(1))
+        super().__init__(blocks, chs, num_classes, in_chans, act)
 
 
 _SRC = "Zagoruyko & Komodakis, arXiv 1605.07146; BIGBALLON/cifar-10-cnn"
