@@ -120,28 +120,34 @@ class rebuild_saved_activations:
 _HANDLES = "_fastcnn_rebuild_hooks"
 
 
+def _enter_hook(_module, _args):
+    ctx = None if torch.compiler.is_compiling() else rebuild_saved_activations()
+    if ctx is not None:
+        ctx.__enter__()
+    _contexts().append(ctx)
+
+
+def _leave_hook(_module, _args, _output):
+    stack = _contexts()
+    ctx = stack.pop() if stack else None
+    if ctx is not None:
+        ctx.__exit__(None, None, None)
+
+
+def _contexts() -> list:
+    if not hasattr(_state, "contexts"):
+        _state.contexts = []
+    return _state.contexts
+
+
 def enable(model: nn.Module) -> nn.Module:
-    """Run ``model``'s forward inside :class:`rebuild_saved_activations` (idempotent)."""
+    """Run ``model``'s forward inside :class:`rebuild_saved_activations` (idempotent). The
+    hooks are module-level functions, so the model still pickles and deep-copies."""
     if getattr(model, _HANDLES, None) is not None:
         return model
-    contexts: list[rebuild_saved_activations] = []
-
-    def enter(_module, _args):
-        if torch.compiler.is_compiling():
-            contexts.append(None)
-            return
-        ctx = rebuild_saved_activations()
-        ctx.__enter__()
-        contexts.append(ctx)
-
-    def leave(_module, _args, _output):
-        ctx = contexts.pop() if contexts else None
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
-
-    handles = (model.register_forward_pre_hook(enter),
-               model.register_forward_hook(leave, always_call=True))
-    object.__setattr__(model, _HANDLES, handles)
+    handles = (model.register_forward_pre_hook(_enter_hook),
+               model.register_forward_hook(_leave_hook, always_call=True))
+    setattr(model, _HANDLES, handles)
     return model
 
 
@@ -151,5 +157,5 @@ def disable(model: nn.Module) -> nn.Module:
     if handles is not None:
         for h in handles:
             h.remove()
-        object.__setattr__(model, _HANDLES, None)
+        setattr(model, _HANDLES, None)
     return model

@@ -156,3 +156,19 @@ def test_counter_counts_distinct_storages():
         z = x * x    # mul saves x (twice, one storage)
     (y.sum() + z.sum()).backward()
     assert counter.tensors == 2 and counter.bytes == 2 * 3 * 4 * 4
+
+
+def test_fused_model_still_pickles_and_copies(tmp_path):
+    import copy
+
+    model = fastcnn.create_model("resnet20", fused=True)
+    clone = copy.deepcopy(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    x = torch.randn(2, 3, 32, 32)
+    for m in (clone, loaded):
+        assert m._forward_pre_hooks and m._forward_hooks  # the rebuild hooks came along
+        torch.testing.assert_close(m.eval()(x), model.eval()(x))
+        set_fused(m, False)
+        assert not m._forward_pre_hooks and not m._forward_hooks
+    assert model._forward_pre_hooks  # the original keeps its own
