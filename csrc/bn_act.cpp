@@ -8,12 +8,74 @@
 // elementwise pass; only x (and the residual) plus the fp32 mean/var are needed.
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "common.h"
 
 namespace fastcnn {
 namespace {
 
 using at::Tensor;
+
+// Per-channel fp32 vectors of BN: scale = weight / sqrt(var + eps), shift = bias - mean * scale
+// (and invstd = 1 / sqrt(var + eps)). On CPU one loop computes them: the chain of tiny ATen ops
+// it replaces cost more than the kernels themselves at the zoo's small shapes.
+struct BnCoef {
+  Tensor scale, shift, invstd;
+};
+
+BnCoef bn_coef(const Tensor& weight, const Tensor& bias, const Tensor& mean_, const Tensor& var_,
+               double eps) {
+  const Tensor mean = f32(mean_), var = f32(var_);
+  if (!mean.is_cpu()) {
+    const Tensor invstd = at::rsqrt(var + eps);
+    const Tensor scale = f32(weight) * invstd;
+    return {scale, f32(bias) - mean * scale, invstd};
+  }
+  const Tensor w = f32(weight), b = f32(bias);
+  const int64_t C = mean.numel();
+  BnCoef k{at::empty({C}, mean.options()), at::empty({C}, mean.options()), at::empty({C}, mean.options())};
+  const float *wp = w.const_data_ptr<float>(), *bp = b.const_data_ptr<float>(),
+              *mp = mean.const_data_ptr<float>(), *vp = var.const_data_ptr<float>();
+  float *sp = k.scale.data_ptr<float>(), *tp = k.shift.data_ptr<float>(), *ip = k.invstd.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  for (int64_t c = 0; c < C; ++c) {
+    ip[c] = 1.f / std::sqrt(vp[c] + feps);
+    sp[c] = wp[c] * ip[c];
+    tp[c] = bp[c] - mp[c] * sp[c];
+  }
+  return k;
+}
+
+// From the backward sums [2, C] (sum dz, sum dz * (x - mean)) over m values per channel:
+// grad_x = scale * dz + alpha * (x - mean) + beta, and the fp32 parameter gradients.
+struct BnGrad {
+  Tensor alpha, beta, grad_weight, grad_bias;
+};
+
+BnGrad bn_grad(const BnCoef& k, const Tensor& sums, int64_t m) {
+  const double inv_m = 1.0 / static_cast<double>(m);
+  if (!sums.is_cpu()) {
+    const Tensor sum_dz = sums[0].contiguous(), sum_dzx = sums[1].contiguous();
+    return {(-inv_m) * k.scale * k.invstd * k.invstd * sum_dzx, (-inv_m) * k.scale * sum_dz,
+            sum_dzx * k.invstd, sum_dz.clone()};
+  }
+  const int64_t C = k.scale.numel();
+  const auto opts = k.scale.options();
+  BnGrad d{at::empty({C}, opts), at::empty({C}, opts), at::empty({C}, opts), at::empty({C}, opts)};
+  const float *sp = k.scale.const_data_ptr<float>(), *ip = k.invstd.const_data_ptr<float>(),
+              *dz = sums.const_data_ptr<float>(), *dzx = dz + C;
+  float *ap = d.alpha.data_ptr<float>(), *bp = d.beta.data_ptr<float>(), *gw = d.grad_weight.data_ptr<float>(),
+        *gb = d.grad_bias.data_ptr<float>();
+  const float neg_inv_m = static_cast<float>(-inv_m);
+  for (int64_t c = 0; c < C; ++c) {
+    ap[c] = neg_inv_m * sp[c] * ip[c] * ip[c] * dzx[c];
+    bp[c] = neg_inv_m * sp[c] * dz[c];
+    gw[c] = dzx[c] * ip[c];
+    gb[c] = dz[c];
+  }
+  return d;
+}
 
 std::tuple<Tensor, Tensor, Tensor> bn_act_forward(const Tensor& x_, const Tensor& weight,
                                                   const Tensor& bias,
@@ -32,8 +94,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_forward(const Tensor& x_, const Tensor
   const Tensor x = x_.contiguous(fmt), r = in_format(residual, fmt);
   const Geom g = channel_geom(x, fmt);
   auto [mean, var] = FASTCNN_ON_DEVICE(x, slot_mean_var, x, g);
-  const Tensor scale = f32(weight) * at::rsqrt(var + eps);
-  const Tensor shift = f32(bias) - mean * scale;
+  const BnCoef k = bn_coef(weight, bias, mean, var, eps);
+  const Tensor &scale = k.scale, &shift = k.shift;
   Tensor y = empty_in_format(x, fmt);
   FASTCNN_ON_DEVICE(x, act_forward, x, r, y, scale, shift, g, a, static_cast<float>(act_param));
   return {y, mean, var};
@@ -56,21 +118,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
   const auto fmt = kernel_format(x_);
   const Tensor x = x_.contiguous(fmt), gy = gy_.contiguous(fmt), r = in_format(residual, fmt);
   const Geom g = channel_geom(x, fmt);
-  const Tensor mean = f32(mean_), invstd = at::rsqrt(f32(var_) + eps);
-  const Tensor scale = f32(weight) * invstd;
-  const Tensor shift = f32(bias) - mean * scale;
-  const Tensor sums = FASTCNN_ON_DEVICE(x, act_backward_reduce, gy, x, r, scale, shift, mean, g, a,
+  const Tensor mean = f32(mean_);
+  const BnCoef k = bn_coef(weight, bias, mean, var_, eps);
+  const Tensor sums = FASTCNN_ON_DEVICE(x, act_backward_reduce, gy, x, r, k.scale, k.shift, mean, g, a,
                                         static_cast<float>(act_param));
-  const Tensor sum_dz = sums[0].contiguous(), sum_dzx = sums[1].contiguous();
-  const double inv_m = 1.0 / static_cast<double>(g.per_slot());
-  const Tensor alpha = (-inv_m) * scale * invstd * invstd * sum_dzx;
-  const Tensor beta = (-inv_m) * scale * sum_dz;
+  const BnGrad d = bn_grad(k, sums, g.per_slot());
   Tensor gx = empty_in_format(x, fmt);
   Tensor gr = r.defined() ? empty_in_format(x, fmt) : Tensor();
-  FASTCNN_ON_DEVICE(x, act_backward_apply, gy, x, r, scale, shift, mean, alpha, beta, gx, gr, g, a,
+  FASTCNN_ON_DEVICE(x, act_backward_apply, gy, x, r, k.scale, k.shift, mean, d.alpha, d.beta, gx, gr, g, a,
                     static_cast<float>(act_param));
-  return {gx, gr.defined() ? gr : no_grad_tensor(x), (sum_dzx * invstd).to(weight.scalar_type()),
-          sum_dz.to(bias.scalar_type(), false, /*copy=*/true)};
+  return {gx, gr.defined() ? gr : no_grad_tensor(x), d.grad_weight.to(weight.scalar_type()),
+          d.grad_bias.to(bias.scalar_type())};
 }
 
 // scale / shift default to 1 / 0 when absent

@@ -139,68 +139,108 @@ inline void bool_dispatch(bool b, F&& f) {
   if (b) f(std::true_type{}); else f(std::false_type{});
 }
 
-// A per-slot fp32 parameter at lane offset i: one value broadcast over a run (LANE false,
+// the values of one parameter for a vector step: lanes [l, l + kV) and [l + kV, l + kW)
+struct PV {
+  VF lo, hi;
+};
+
+// A per-slot fp32 parameter at lane offset l: one value broadcast over a run (LANE false,
 // NCHW) or one value per lane of a channels_last row (LANE true).
 template <bool LANE>
 struct Param {
   const float* p;
   float c;  // the broadcast value, held locally so that stores cannot alias it
-  VF v;
-  explicit Param(const float* ptr) : p(ptr), c(LANE ? 0.f : *ptr), v(LANE ? 0.f : *ptr) {}
-  inline VF vec(int64_t i) const {
-    if constexpr (LANE) return VF::loadu(p + i); else return v;
+  explicit Param(const float* ptr) : p(ptr), c(LANE ? 0.f : *ptr) {}
+  inline PV vec(int64_t l) const {
+    if constexpr (LANE) return {VF::loadu(p + l), VF::loadu(p + l + kV)};
+    else return {VF(c), VF(c)};
   }
-  inline float at(int64_t i) const {
-    if constexpr (LANE) return p[i]; else return c;
+  inline float at(int64_t l) const {
+    if constexpr (LANE) return p[l]; else return c;
   }
 };
 
 // --------------------------------------------------------------------------- drivers
-// Runs `f(offset, len, slot)` over the tensor in parallel: runs of I elements with slot
-// b * G + g (I > 1), or whole rows of G elements whose lane k has slot `slot + k` (I == 1).
-template <typename F>
-void for_each_run(const Geom& g, F&& f) {
+// Element-wise pass. The functor, built per run / per block of rows as make(slot), has
+//   op.load(l)       the parameters of the vector step at lane offset l (any type)
+//   op.vec(off, P)   kW elements at offset off with those parameters
+//   op.one(off, l)   one element at offset off, lane l
+// NCHW (I > 1): runs of I elements, parameters loaded once per run. channels_last (I == 1):
+// blocks of up to kRows rows of one b; each vector step's parameters are loaded once for
+// the block. No divisions in the inner loops: indices advance incrementally.
+constexpr int64_t kRows = 16;
+
+template <typename MakeOp>
+void elementwise(const Geom& g, MakeOp&& make) {
   if (g.I > 1) {
     const int64_t runs = g.B * g.O * g.G;
     at::parallel_for(0, runs, std::max<int64_t>(1, kGrain / g.I), [&](int64_t r0, int64_t r1) {
+      int64_t gi = r0 % g.G, b = r0 / (g.O * g.G), o = (r0 / g.G) % g.O;
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t gi = r % g.G, b = r / (g.O * g.G);
-        f(r * g.I, g.I, b * g.G + gi);
+        const auto op = make(b * g.G + gi);
+        const int64_t off = r * g.I, n = g.I;
+        int64_t i = 0;
+        if constexpr (kVec) {
+          const auto P = op.load(0);
+          for (; i + kW <= n; i += kW) op.vec(off + i, P);
+        }
+        for (; i < n; ++i) op.one(off + i, 0);
+        if (++gi == g.G) {
+          gi = 0;
+          if (++o == g.O) { o = 0; ++b; }
+        }
       }
     });
-  } else {
-    const int64_t rows = g.B * g.O;
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / g.G), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) f(r * g.G, g.G, (r / g.O) * g.G);
-    });
+    return;
   }
+  const int64_t G = g.G, rows = g.B * g.O;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / G), [&](int64_t r0, int64_t r1) {
+    int64_t r = r0;
+    while (r < r1) {
+      const int64_t b = r / g.O;
+      const int64_t end = std::min({r1, (b + 1) * g.O, r + kRows});  // rows of one b
+      const auto op = make(b * G);
+      const int64_t base = r * G, nr = end - r;
+      int64_t c = 0;
+      if constexpr (kVec) {
+        for (; c + kW <= G; c += kW) {
+          const auto P = op.load(c);
+          for (int64_t k = 0; k < nr; ++k) op.vec(base + k * G + c, P);
+        }
+      }
+      for (; c < G; ++c)
+        for (int64_t k = 0; k < nr; ++k) op.one(base + k * G + c, c);
+      r = end;
+    }
+  });
 }
 
-// Per-slot sums of two per-element quantities (a, b), fp64 [2, P]. The element functor E
-// is built per run / per row chunk as E(slot) and accumulates the contributions of
-//   e.vec(offset, lane, a0, a1, b0, b1)  kW elements (two float vectors) at `offset`
-//   e.one(offset, lane, a, b)            one element
-// where `lane` indexes its per-lane parameters (channels_last; 0-based within the row).
+// Per-slot sums of two per-element quantities (a, b), fp64 [2, P]. The element functor,
+// built per run / row chunk as make(slot), has
+//   e.load(l)                          parameters of the vector step at lane offset l
+//   e.vec(off, P, a0, a1, b0, b1)      adds the contributions of kW elements at off
+//   e.one(off, l, a, b)                adds the contribution of one element
 template <typename MakeE>
 std::vector<double> reduce_slots(const Geom& g, MakeE&& make) {
   const int64_t P = g.slots();
   std::vector<double> out(2 * P, 0.0);
   if (g.I > 1) {
-    // NCHW: one task per run, four independent vector accumulators, fp32 per block
+    // NCHW: one partial per run; four vector accumulators, fp32 per block
     const int64_t runs = g.B * g.O * g.G;
     std::vector<double> part(2 * runs);
     at::parallel_for(0, runs, std::max<int64_t>(1, kGrain / g.I), [&](int64_t r0, int64_t r1) {
+      int64_t gi = r0 % g.G, b = r0 / (g.O * g.G), o = (r0 / g.G) % g.O;
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t gi = r % g.G, b = r / (g.O * g.G);
-        auto e = make(b * g.G + gi);
+        const auto e = make(b * g.G + gi);
         double sa = 0.0, sb = 0.0;
         for (int64_t s0 = 0; s0 < g.I; s0 += kBlock) {
           const int64_t n = std::min(kBlock, g.I - s0), off = r * g.I + s0;
           float fa = 0.f, fb = 0.f;
           int64_t i = 0;
           if constexpr (kVec) {
+            const auto Pm = e.load(0);
             VF a0(0.f), a1(0.f), b0(0.f), b1(0.f);
-            for (; i + kW <= n; i += kW) e.vec(off + i, 0, a0, a1, b0, b1);
+            for (; i + kW <= n; i += kW) e.vec(off + i, Pm, a0, a1, b0, b1);
             fa = hsum(a0 + a1);
             fb = hsum(b0 + b1);
           }
@@ -210,17 +250,25 @@ std::vector<double> reduce_slots(const Geom& g, MakeE&& make) {
         }
         part[2 * r] = sa;
         part[2 * r + 1] = sb;
+        if (++gi == g.G) {
+          gi = 0;
+          if (++o == g.O) { o = 0; ++b; }
+        }
       }
     });
+    int64_t gi = 0, o = 0, b = 0;
     for (int64_t r = 0; r < runs; ++r) {
-      const int64_t slot = (r / (g.O * g.G)) * g.G + r % g.G;
-      out[slot] += part[2 * r];
-      out[P + slot] += part[2 * r + 1];
+      out[b * g.G + gi] += part[2 * r];
+      out[P + b * g.G + gi] += part[2 * r + 1];
+      if (++gi == g.G) {
+        gi = 0;
+        if (++o == g.O) { o = 0; ++b; }
+      }
     }
     return out;
   }
-  // channels_last: chunks of rows of one b; per lane fp32 sums per chunk. Four rows are
-  // summed in registers before they touch the per-lane buffer.
+  // channels_last: chunks of kChunkRows rows of one b, per-lane fp32 sums per chunk; four
+  // rows are summed in registers (one parameter load) before they touch the lane buffer.
   const int64_t G = g.G;
   const int64_t nchunk = (g.O + kChunkRows - 1) / kChunkRows;
   const int64_t tasks = g.B * nchunk;
@@ -232,7 +280,7 @@ std::vector<double> reduce_slots(const Geom& g, MakeE&& make) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nchunk, o0 = (t % nchunk) * kChunkRows, o1 = std::min(g.O, o0 + kChunkRows);
       std::fill(buf.begin(), buf.end(), 0.f);
-      auto e = make(b * G);
+      const auto e = make(b * G);
       const int64_t base = b * g.O * G;
       int64_t o = o0;
       if constexpr (kVec) {
@@ -240,11 +288,12 @@ std::vector<double> reduce_slots(const Geom& g, MakeE&& make) {
           const int64_t row = base + o * G;
           int64_t c = 0;
           for (; c + kW <= G; c += kW) {
+            const auto Pm = e.load(c);
             VF a0(0.f), a1(0.f), b0(0.f), b1(0.f);
-            e.vec(row + c, c, a0, a1, b0, b1);
-            e.vec(row + G + c, c, a0, a1, b0, b1);
-            e.vec(row + 2 * G + c, c, a0, a1, b0, b1);
-            e.vec(row + 3 * G + c, c, a0, a1, b0, b1);
+            e.vec(row + c, Pm, a0, a1, b0, b1);
+            e.vec(row + G + c, Pm, a0, a1, b0, b1);
+            e.vec(row + 2 * G + c, Pm, a0, a1, b0, b1);
+            e.vec(row + 3 * G + c, Pm, a0, a1, b0, b1);
             (VF::loadu(fa + c) + a0).store(fa + c);
             (VF::loadu(fa + c + kV) + a1).store(fa + c + kV);
             (VF::loadu(fb + c) + b0).store(fb + c);
@@ -282,10 +331,11 @@ template <typename T, bool LANE>
 struct StatsE {
   const T* x;
   Param<LANE> k;
-  inline void vec(int64_t off, int64_t l, VF& a0, VF& a1, VF& b0, VF& b1) const {
+  inline PV load(int64_t l) const { return k.vec(l); }
+  inline void vec(int64_t off, const PV& kv, VF& a0, VF& a1, VF& b0, VF& b1) const {
     VF x0, x1;
     load2(x + off, x0, x1);
-    const VF d0 = x0 - k.vec(l), d1 = x1 - k.vec(l + kV);
+    const VF d0 = x0 - kv.lo, d1 = x1 - kv.hi;
     a0 = a0 + d0;
     a1 = a1 + d1;
     b0 = at::vec::fmadd(d0, d0, b0);
@@ -298,32 +348,44 @@ struct StatsE {
   }
 };
 
+// z = x * s + t (+ r) for a vector step
+template <bool RES, typename T>
+inline void pre_act(const T* r, int64_t off, const VF& x0, const VF& x1, const PV& s, const PV& t, VF& z0,
+                    VF& z1) {
+  z0 = at::vec::fmadd(x0, s.lo, t.lo);
+  z1 = at::vec::fmadd(x1, s.hi, t.hi);
+  if constexpr (RES) {
+    VF r0, r1;
+    load2(r + off, r0, r1);
+    z0 = z0 + r0;
+    z1 = z1 + r1;
+  }
+}
+
 // backward: dz = gy * act'(x * s + t (+ r)); a = dz, b = dz * (x - c)
 template <typename T, int ACT, bool LANE, bool RES>
 struct GradE {
   const T *gy, *x, *r;
   Param<LANE> s, t, c;
   float p;
-  inline void vec(int64_t off, int64_t l, VF& a0, VF& a1, VF& b0, VF& b1) const {
+  struct Loaded {
+    PV s, t, c;
+  };
+  inline Loaded load(int64_t l) const { return {s.vec(l), t.vec(l), c.vec(l)}; }
+  inline void vec(int64_t off, const Loaded& P, VF& a0, VF& a1, VF& b0, VF& b1) const {
     VF x0, x1, d0, d1;
     load2(x + off, x0, x1);
     load2(gy + off, d0, d1);
     if constexpr (ACT != kIdentity) {
-      VF z0 = at::vec::fmadd(x0, s.vec(l), t.vec(l));
-      VF z1 = at::vec::fmadd(x1, s.vec(l + kV), t.vec(l + kV));
-      if constexpr (RES) {
-        VF r0, r1;
-        load2(r + off, r0, r1);
-        z0 = z0 + r0;
-        z1 = z1 + r1;
-      }
+      VF z0, z1;
+      pre_act<RES>(r, off, x0, x1, P.s, P.t, z0, z1);
       d0 = dact_v<ACT>(d0, z0, p);
       d1 = dact_v<ACT>(d1, z1, p);
     }
     a0 = a0 + d0;
     a1 = a1 + d1;
-    b0 = at::vec::fmadd(d0, x0 - c.vec(l), b0);
-    b1 = at::vec::fmadd(d1, x1 - c.vec(l + kV), b1);
+    b0 = at::vec::fmadd(d0, x0 - P.c.lo, b0);
+    b1 = at::vec::fmadd(d1, x1 - P.c.hi, b1);
   }
   inline void one(int64_t off, int64_t l, float& a, float& b) const {
     const float xv = static_cast<float>(x[off]);
@@ -332,6 +394,67 @@ struct GradE {
     const float dz = static_cast<float>(gy[off]) * act_grad<ACT>(z, p);
     a += dz;
     b += dz * (xv - c.at(l));
+  }
+};
+
+// forward: y = act(x * s + t (+ r))
+template <typename T, int ACT, bool LANE, bool RES>
+struct ForwardOp {
+  const T* x;
+  const T* r;
+  T* y;
+  Param<LANE> s, t;
+  float p;
+  struct Loaded {
+    PV s, t;
+  };
+  inline Loaded load(int64_t l) const { return {s.vec(l), t.vec(l)}; }
+  inline void vec(int64_t off, const Loaded& P) const {
+    VF x0, x1, z0, z1;
+    load2(x + off, x0, x1);
+    pre_act<RES>(r, off, x0, x1, P.s, P.t, z0, z1);
+    store2(y + off, act_v<ACT>(z0, p), act_v<ACT>(z1, p));
+  }
+  inline void one(int64_t off, int64_t l) const {
+    float z = static_cast<float>(x[off]) * s.at(l) + t.at(l);
+    if constexpr (RES) z += static_cast<float>(r[off]);
+    y[off] = static_cast<T>(apply_act<ACT>(z, p));
+  }
+};
+
+// backward: dz as in GradE; gx = s * dz + a * (x - c) + b; gr = dz (with a residual)
+template <typename T, int ACT, bool LANE, bool RES>
+struct BackwardOp {
+  const T *gy, *x, *r;
+  T *gx, *gr;
+  Param<LANE> s, t, c, a, b;
+  float p;
+  struct Loaded {
+    PV s, t, c, a, b;
+  };
+  inline Loaded load(int64_t l) const { return {s.vec(l), t.vec(l), c.vec(l), a.vec(l), b.vec(l)}; }
+  inline void vec(int64_t off, const Loaded& P) const {
+    VF x0, x1, d0, d1;
+    load2(x + off, x0, x1);
+    load2(gy + off, d0, d1);
+    if constexpr (ACT != kIdentity) {
+      VF z0, z1;
+      pre_act<RES>(r, off, x0, x1, P.s, P.t, z0, z1);
+      d0 = dact_v<ACT>(d0, z0, p);
+      d1 = dact_v<ACT>(d1, z1, p);
+    }
+    const VF g0 = at::vec::fmadd(P.s.lo, d0, at::vec::fmadd(P.a.lo, x0 - P.c.lo, P.b.lo));
+    const VF g1 = at::vec::fmadd(P.s.hi, d1, at::vec::fmadd(P.a.hi, x1 - P.c.hi, P.b.hi));
+    store2(gx + off, g0, g1);
+    if constexpr (RES) store2(gr + off, d0, d1);
+  }
+  inline void one(int64_t off, int64_t l) const {
+    const float xv = static_cast<float>(x[off]);
+    float z = xv * s.at(l) + t.at(l);
+    if constexpr (RES) z += static_cast<float>(r[off]);
+    const float dz = static_cast<float>(gy[off]) * act_grad<ACT>(z, p);
+    gx[off] = static_cast<T>(s.at(l) * dz + a.at(l) * (xv - c.at(l)) + b.at(l));
+    if constexpr (RES) gr[off] = static_cast<T>(dz);
   }
 };
 
@@ -377,37 +500,13 @@ void act_forward(const at::Tensor& x, const at::Tensor& r, at::Tensor& y, const 
     const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
     const float *sp = fptr(scale), *tp = fptr(shift);
-    const float p = act_param;
     FASTCNN_DISPATCH_ACT(act, [&] {
       bool_dispatch(g.I == 1, [&](auto lane_c) {
         bool_dispatch(rp != nullptr, [&](auto res_c) {
           constexpr bool LANE = decltype(lane_c)::value, RES = decltype(res_c)::value;
-          for_each_run(g, [&](int64_t off, int64_t n, int64_t slot) {
-            const scalar_t* __restrict__ xs = xp + off;
-            const scalar_t* __restrict__ rs = RES ? rp + off : nullptr;
-            scalar_t* __restrict__ ys = yp + off;
-            const Param<LANE> s(sp + slot), t(tp + slot);
-            int64_t i = 0;
-            if constexpr (kVec) {
-              for (; i + kW <= n; i += kW) {
-                VF x0, x1;
-                load2(xs + i, x0, x1);
-                VF z0 = at::vec::fmadd(x0, s.vec(i), t.vec(i));
-                VF z1 = at::vec::fmadd(x1, s.vec(i + kV), t.vec(i + kV));
-                if constexpr (RES) {
-                  VF r0, r1;
-                  load2(rs + i, r0, r1);
-                  z0 = z0 + r0;
-                  z1 = z1 + r1;
-                }
-                store2(ys + i, act_v<ACT>(z0, p), act_v<ACT>(z1, p));
-              }
-            }
-            for (; i < n; ++i) {
-              float z = static_cast<float>(xs[i]) * s.at(i) + t.at(i);
-              if constexpr (RES) z += static_cast<float>(rs[i]);
-              ys[i] = static_cast<scalar_t>(apply_act<ACT>(z, p));
-            }
+          elementwise(g, [&](int64_t slot) {
+            return ForwardOp<scalar_t, ACT, LANE, RES>{xp, rp, yp, Param<LANE>(sp + slot), Param<LANE>(tp + slot),
+                                                       act_param};
           });
         });
       });
@@ -447,6 +546,8 @@ void act_backward_apply(const at::Tensor& gy, const at::Tensor& x, const at::Ten
                         const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& center,
                         const at::Tensor& alpha, const at::Tensor& beta, at::Tensor& gx,
                         at::Tensor& gr, Geom g, Act act, float act_param) {
+  // the residual's gradient is dz itself, computed exactly when there is a residual
+  TORCH_CHECK(gr.defined() == r.defined(), "fastcnn: act_backward_apply: grad_residual goes with residual");
   FASTCNN_DISPATCH_STORAGE(x.scalar_type(), "fastcnn_act_backward_apply", [&] {
     const scalar_t* gp = gy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -455,54 +556,15 @@ void act_backward_apply(const at::Tensor& gy, const at::Tensor& x, const at::Ten
     scalar_t* grp = gr.defined() ? gr.data_ptr<scalar_t>() : nullptr;
     const float *sp = fptr(scale), *tp = fptr(shift), *cp = fptr(center), *ap = fptr(alpha),
                 *bp = fptr(beta);
-    const float p = act_param;
     FASTCNN_DISPATCH_ACT(act, [&] {
       bool_dispatch(g.I == 1, [&](auto lane_c) {
         bool_dispatch(rp != nullptr, [&](auto res_c) {
-          bool_dispatch(grp != nullptr, [&](auto gr_c) {
-            constexpr bool LANE = decltype(lane_c)::value, RES = decltype(res_c)::value,
-                           GR = decltype(gr_c)::value;
-            for_each_run(g, [&](int64_t off, int64_t n, int64_t slot) {
-              const scalar_t* __restrict__ xs = xp + off;
-              const scalar_t* __restrict__ gs = gp + off;
-              const scalar_t* __restrict__ rs = RES ? rp + off : nullptr;
-              scalar_t* __restrict__ gxs = gxp + off;
-              scalar_t* __restrict__ grs = GR ? grp + off : nullptr;
-              const Param<LANE> s(sp + slot), t(tp + slot), c(cp + slot), a(ap + slot), b(bp + slot);
-              int64_t i = 0;
-              if constexpr (kVec) {
-                for (; i + kW <= n; i += kW) {
-                  VF x0, x1, d0, d1;
-                  load2(xs + i, x0, x1);
-                  load2(gs + i, d0, d1);
-                  if constexpr (ACT != kIdentity) {
-                    VF z0 = at::vec::fmadd(x0, s.vec(i), t.vec(i));
-                    VF z1 = at::vec::fmadd(x1, s.vec(i + kV), t.vec(i + kV));
-                    if constexpr (RES) {
-                      VF r0, r1;
-                      load2(rs + i, r0, r1);
-                      z0 = z0 + r0;
-                      z1 = z1 + r1;
-                    }
-                    d0 = dact_v<ACT>(d0, z0, p);
-                    d1 = dact_v<ACT>(d1, z1, p);
-                  }
-                  const VF g0 = at::vec::fmadd(s.vec(i), d0, at::vec::fmadd(a.vec(i), x0 - c.vec(i), b.vec(i)));
-                  const VF g1 = at::vec::fmadd(s.vec(i + kV), d1,
-                                               at::vec::fmadd(a.vec(i + kV), x1 - c.vec(i + kV), b.vec(i + kV)));
-                  store2(gxs + i, g0, g1);
-                  if constexpr (GR) store2(grs + i, d0, d1);
-                }
-              }
-              for (; i < n; ++i) {
-                const float xv = static_cast<float>(xs[i]);
-                float z = xv * s.at(i) + t.at(i);
-                if constexpr (RES) z += static_cast<float>(rs[i]);
-                const float dz = static_cast<float>(gs[i]) * act_grad<ACT>(z, p);
-                gxs[i] = static_cast<scalar_t>(s.at(i) * dz + a.at(i) * (xv - c.at(i)) + b.at(i));
-                if constexpr (GR) grs[i] = static_cast<scalar_t>(dz);
-              }
-            });
+          constexpr bool LANE = decltype(lane_c)::value, RES = decltype(res_c)::value;
+          elementwise(g, [&](int64_t slot) {
+            return BackwardOp<scalar_t, ACT, LANE, RES>{gp, xp, rp, gxp, grp, Param<LANE>(sp + slot),
+                                                        Param<LANE>(tp + slot), Param<LANE>(cp + slot),
+                                                        Param<LANE>(ap + slot), Param<LANE>(bp + slot),
+                                                        act_param};
           });
         });
       });
