@@ -22,6 +22,7 @@ backward, so inference and standalone layers keep no extra references. Under
 """
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Callable
 
@@ -49,6 +50,23 @@ def mark_rebuildable(y: torch.Tensor, rebuild: Callable[[], torch.Tensor]) -> No
     if y._base is not None:
         raise ValueError("mark_rebuildable needs the tensor that owns the storage, not a view")
     setattr(y, _ATTR, (rebuild, y._version))
+
+
+def _cat(tensors, dim):
+    with torch.no_grad():
+        return torch.cat(tensors, dim)
+
+
+def cat(tensors, dim: int = 1) -> torch.Tensor:
+    """``torch.cat`` whose result consumers keep as a recipe (the parts, not the whole) inside
+    a fused model: DenseNet's concatenated inputs then cost memory once (as their parts), not
+    once per layer -- the memory-efficient DenseNet of Pleiss et al. (arXiv 1707.06990)."""
+    if len(tensors) == 1:
+        return tensors[0]
+    y = torch.cat(tensors, dim)
+    if active() and torch.is_grad_enabled() and y.requires_grad:
+        mark_rebuildable(y, functools.partial(_cat, tuple(t.detach() for t in tensors), dim))
+    return y
 
 
 class _Rebuild:

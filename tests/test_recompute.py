@@ -79,10 +79,11 @@ def test_chain_keeps_one_activation_per_layer(backend):
     assert (depth + 1) * act_bytes <= fused <= (depth + 1) * act_bytes + 64 * depth * c * 4
 
 
-@pytest.mark.parametrize("name, at_most", [("simplenet_310k", 0.6), ("vgg19", 0.65), ("resnet20", 0.8), ("allcnn_c", 1.0)])
+@pytest.mark.parametrize("name, at_most", [("simplenet_310k", 0.6), ("vgg19", 0.65), ("resnet20", 0.8),
+                                           ("densenet_bc_100_12", 0.2), ("allcnn_c", 1.0)])
 def test_zoo_models_keep_less(name, at_most):
     """Measured on the compiled cpu backend: the fraction of the unfused model's saved bytes
-    that the fused model keeps (SimpleNet ~0.55, VGG-19 ~0.59, ResNet-20 ~0.75, All-CNN-C ~1)."""
+    that the fused model keeps (SimpleNet ~0.55, VGG-19 ~0.59, ResNet-20 ~0.75, DenseNet-BC-100 ~0.14, All-CNN-C ~1)."""
     if fastcnn.backend.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
         pytest.skip("cpu backend (compiled extension) not built")
     x = torch.randn(4, 3, 32, 32)
@@ -172,3 +173,21 @@ def test_fused_model_still_pickles_and_copies(tmp_path):
         set_fused(m, False)
         assert not m._forward_pre_hooks and not m._forward_hooks
     assert model._forward_pre_hooks  # the original keeps its own
+
+
+@pytest.mark.parametrize("name", ["densenet_bc_100_12", "simplenet_310k", "wrn16_8"])
+def test_zoo_model_gradients_identical_with_rebuilds(name):
+    if fastcnn.backend.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
+        pytest.skip("cpu backend (compiled extension) not built")
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for rebuild in (True, False):
+        torch.manual_seed(0)
+        model = fastcnn.create_model(name, fused=True).train()
+        if not rebuild:
+            recompute.disable(model)
+        with fastcnn.use_backend("cpu"):
+            (model(x) * torch.arange(10.0)).sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

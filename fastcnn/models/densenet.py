@@ -3,8 +3,9 @@ dense blocks of (depth - 4) / 6 bottleneck layers (BN-ReLU-1x1 conv to 4k, BN-Re
 k, output concatenated to the input), transitions BN-ReLU-1x1 conv (compression 0.5) + 2x2
 average pool, a final BN-ReLU, global average pool and a linear classifier.
 
-Every BN-ReLU-conv is a :class:`BnActConv`: fused, the BN+ReLU is the prologue of the conv,
-the memory win of pre-activation nets (the concatenated input is what is saved).
+Every BN-ReLU-conv is a :class:`BnActConv`. The network concatenates its list of feature maps
+where a layer needs them; fused, the concatenations and BN+ReLU outputs are rebuilt in backward
+(:mod:`fastcnn.recompute`), so a layer keeps only its new features and its bottleneck output.
 ``drop_rate`` adds dropout after each conv, as the paper does without augmentation (0.2).
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import recompute
 from ..layers import BnAct, BnActConv
 from ..registry import register_model
 from ..layers.weight_init import init_he
@@ -25,10 +27,13 @@ class DenseLayer(nn.Module):
         self.conv2 = BnActConv(4 * growth, growth, 3, act=act)
         self.drop_rate = drop_rate
 
-    def forward(self, x):
+    def new_features(self, x):
+        """The ``growth`` channels this layer adds to its input."""
         out = F.dropout(self.conv1(x), self.drop_rate, self.training)
-        out = F.dropout(self.conv2(out), self.drop_rate, self.training)
-        return torch.cat([x, out], 1)
+        return F.dropout(self.conv2(out), self.drop_rate, self.training)
+
+    def forward(self, x):
+        return torch.cat([x, self.new_features(x)], 1)
 
 
 class Transition(nn.Module):
@@ -68,7 +73,16 @@ class DenseNetBC(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x):
-        x = self.final(self.features(self.stem(x)))
+        # The network keeps the list of feature maps and concatenates them where a layer needs
+        # its input; fused, those concatenations are rebuilt in backward from the parts
+        # (fastcnn.recompute.cat), so memory grows with the depth, not its square.
+        parts = [self.stem(x)]
+        for layer in self.features:
+            if isinstance(layer, DenseLayer):
+                parts.append(layer.new_features(recompute.cat(parts)))
+            else:
+                parts = [layer(recompute.cat(parts))]
+        x = self.final(recompute.cat(parts))
         return self.fc(self.pool(x).flatten(1))
 
 
