@@ -1,0 +1,95 @@
+"""The two CPU builds of the extension's kernels (csrc/cpu/channel_act_impl.h compiled as
+DEFAULT, plain loops, and as AVX2, explicit 8-lane vectors): the run-time choice, and that
+both builds compute the same results for every op, layout and activation, on shapes whose
+channel and plane sizes are not multiples of the vector width (so the vector bodies, the
+scalar tails and the channels_last row blocks all run)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from extension_cases import ACTS, assert_close, make
+
+ext = pytest.importorskip("fastcnn._C", reason="the extension fastcnn._C is not built")
+
+pytestmark = pytest.mark.extension
+
+ops = torch.ops.fastcnn
+
+
+@pytest.fixture
+def restore_capability():
+    yield
+    ext._set_cpu_capability("auto")
+
+
+def test_capability_is_reported_and_settable(restore_capability):
+    caps = ext.cpu_capabilities()
+    assert caps[0] == "default"
+    assert ext.cpu_capability() == caps[-1]  # auto picks the best usable build
+    ext._set_cpu_capability("default")
+    assert ext.cpu_capability() == "default"
+    ext._set_cpu_capability("auto")
+    assert ext.cpu_capability() == caps[-1]
+
+
+def test_unknown_capability_is_an_error(restore_capability):
+    with pytest.raises(ValueError, match="unknown CPU capability 'avx9'"):
+        ext._set_cpu_capability("avx9")
+
+
+def both_builds(fn):
+    """fn() under the DEFAULT build and under the AVX2 build."""
+    if "avx2" not in ext.cpu_capabilities():
+        pytest.skip("this CPU (or this build) has no AVX2 kernels to compare with")
+    out = {}
+    for cap in ("default", "avx2"):
+        ext._set_cpu_capability(cap)
+        out[cap] = fn()
+    ext._set_cpu_capability("auto")
+    return out["default"], out["avx2"]
+
+
+def assert_all_close(a, b, dtype, what):
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert_close(v, u, dtype, f"{what} output {i}")
+
+
+SHAPES = ((3, 20, 7, 9), (2, 48, 5, 5), (4, 16, 8, 8), (2, 16, 16, 17))  # the last: 3 row chunks
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("residual", (False, True), ids=("plain", "residual"))
+def test_bn_act_default_and_avx2_agree(shape, layout, dtype, residual, restore_capability):
+    c = shape[1]
+    x, gy = make(shape, layout, dtype, offset=0.5), make(shape, layout, dtype)
+    r = make(shape, layout, dtype) if residual else None
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    for act, p in ACTS:
+        def run():
+            y, mean, var = ops.bn_act_forward(x, w, b, r, 1e-5, act, p)
+            grads = ops.bn_act_backward(gy, x, w, b, r, mean, var, 1e-5, act, p)
+            ss = ops.scale_shift_act(x, w, b, r, act, p)
+            ss_grads = ops.scale_shift_act_backward(gy, x, w, b, r, act, p)
+            return (y, mean, var, *grads, ss, *ss_grads)
+        ref, vec = both_builds(run)
+        assert_all_close(ref, vec, dtype, f"bn_act/scale_shift_act {act}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_se_block_default_and_avx2_agree(shape, layout, dtype, restore_capability):
+    c, hidden = shape[1], 4
+    x, r, gy = make(shape, layout, dtype), make(shape, layout, dtype), make(shape, layout, dtype)
+    w1, b1 = (torch.randn(hidden, c) * 0.3).to(dtype), torch.randn(hidden).to(dtype)
+    w2, b2 = (torch.randn(c, hidden) * 0.3).to(dtype), torch.randn(c).to(dtype)
+    for act, p in (("relu", 0.0), ("silu", 0.0), ("identity", 0.0)):
+        def run():
+            y, pooled = ops.se_block_forward(x, w1, b1, w2, b2, r, act, p)
+            return (y, pooled, *ops.se_block_backward(gy, x, pooled, w1, b1, w2, b2, r, act, p))
+        ref, vec = both_builds(run)
+        assert_all_close(ref, vec, dtype, f"se_block {act}")
