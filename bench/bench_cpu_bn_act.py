@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import fastcnn
 from fastcnn.ops import reference as ref
 
-from bench_cpu_common import BATCH, BN_SHAPES, shape_id, train_step
+from bench_cpu_common import BATCH, BN_SHAPES, cpu_capability, shape_id, train_step
 
 
 def make(shape, residual):
@@ -38,6 +38,7 @@ def bn_act_fn(impl, x, r, w, b, rm, rv, training):
 @pytest.mark.parametrize("shape", BN_SHAPES, ids=shape_id)
 def test_bn_act_train_step(benchmark, shape, residual, impl):
     x, r, w, b, rm, rv = make(shape, residual)
+    benchmark.extra_info.update(threads=torch.get_num_threads(), cpu_capability=cpu_capability())
     benchmark.group = f"bn_act train fwd+bwd {BATCH}x{shape_id(shape)} {'+res' if residual else ''}"
     fn = bn_act_fn(impl, x, r, w, b, rm, rv, True)
     grad = torch.randn_like(x)
@@ -48,6 +49,7 @@ def test_bn_act_train_step(benchmark, shape, residual, impl):
 @pytest.mark.parametrize("shape", BN_SHAPES, ids=shape_id)
 def test_bn_act_eval_forward(benchmark, shape, impl):
     x, r, w, b, rm, rv = make(shape, False)
+    benchmark.extra_info.update(threads=torch.get_num_threads(), cpu_capability=cpu_capability())
     benchmark.group = f"bn_act eval fwd {BATCH}x{shape_id(shape)}"
     fn = bn_act_fn(impl, x.detach(), None, w.detach(), b.detach(), rm, rv, False)
     with torch.no_grad():

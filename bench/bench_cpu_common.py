@@ -20,6 +20,13 @@ def shape_id(shape) -> str:
     return "x".join(map(str, shape))
 
 
+def cpu_capability() -> str:
+    """The build of the extension's CPU kernels in use ('avx2' or 'default'), for extra_info."""
+    import fastcnn._C
+
+    return fastcnn._C.cpu_capability()
+
+
 def train_step(fn, inputs, grad):
     """Forward + backward to every input that requires grad."""
     y = fn()

@@ -10,7 +10,7 @@ import torch
 import fastcnn
 from fastcnn.ops import reference as ref
 
-from bench_cpu_common import SE_BATCH, SE_SHAPES, shape_id, train_step
+from bench_cpu_common import SE_BATCH, SE_SHAPES, cpu_capability, shape_id, train_step
 
 
 def make(shape):
@@ -37,6 +37,7 @@ def se_fn(impl, x, r, params):
 @pytest.mark.parametrize("shape", SE_SHAPES, ids=shape_id)
 def test_se_block_train_step(benchmark, shape, impl):
     x, r, params = make(shape)
+    benchmark.extra_info.update(threads=torch.get_num_threads(), cpu_capability=cpu_capability())
     benchmark.group = f"se_block train fwd+bwd {SE_BATCH}x{shape_id(shape)}"
     benchmark(train_step, se_fn(impl, x, r, params), [x, r, *params], torch.randn_like(x))
 
@@ -45,6 +46,7 @@ def test_se_block_train_step(benchmark, shape, impl):
 @pytest.mark.parametrize("shape", SE_SHAPES, ids=shape_id)
 def test_se_block_forward(benchmark, shape, impl):
     x, r, params = make(shape)
+    benchmark.extra_info.update(threads=torch.get_num_threads(), cpu_capability=cpu_capability())
     benchmark.group = f"se_block fwd {SE_BATCH}x{shape_id(shape)}"
     with torch.no_grad():
         benchmark(se_fn(impl, x, r, params))
