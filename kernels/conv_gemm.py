@@ -329,8 +329,13 @@ def _conv_dgrad_kernel(
     tl.store(dx_ptr + out_off, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & ci_mask[None, :])
 
 
+# The forward configs, but the small tile with 4 warps: with 2 warps the stride-aware gather of
+# the input gradient spills registers (AOT compile check, tests/test_triton_compile.py: 96 B per
+# thread on sm_80 for a 32-group stride-2 3x3 conv in fp32; 4 warps: ~120 registers, no spill).
+_DGRAD_CONFIGS = _GPU_CONFIGS[:-1] + [_cfg(64, 16, 16, 4, 4)]
+
 _conv_dgrad_tuned = triton.autotune(
-    configs=_GPU_CONFIGS,
+    configs=_DGRAD_CONFIGS,
     key=["MX", "COUT_G", "CIN_G", "H", "W", "SH", "KH", "KW"],
     prune_configs_by={"early_config_prune": _prune("CIN_G", "COUT_G")},
 )(_conv_dgrad_kernel)
