@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .activations import act_code, act_grad, act_grad_from_out, grad_from_output
 from .conv_gemm import conv_dgrad, conv_fwd, conv_geom, conv_wgrad
-from .utils import from_nhwc, interpreting, pow2, to_nhwc
+from .utils import from_nhwc, interpreting, nchw_output, pow2, to_nhwc
 
 
 @triton.jit
@@ -91,16 +91,21 @@ class _ConvActFn(torch.autograd.Function):
         ctx.geom, ctx.act, ctx.act_param, ctx.from_out = geom, act, act_param, from_out
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        y = nchw_output(out.y)
         if need_grad:
             if from_out:
-                ctx.save_for_backward(xh, weight, out.y, None)
+                # the output itself (not its NHWC buffer): autograd then refuses a backward
+                # after the caller changed it in place, instead of using changed values
+                ctx.save_for_backward(xh, weight, y, None)
             else:
                 ctx.save_for_backward(xh, weight, out.z, rh)
-        return from_nhwc(out.y)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         xh, weight, src, rh = ctx.saved_tensors
+        if ctx.from_out:
+            src = to_nhwc(src)  # the saved NCHW output -> its NHWC buffer (a view)
         gm = ctx.geom
         dyh = to_nhwc(dy.to(xh.dtype))
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]

@@ -36,9 +36,9 @@ import functools
 import torch
 
 from ..recompute import mark_rebuildable
-from .bn_act import cfg_records, rebuild_nchw, bn_act_backward, bn_apply, bn_finalize, check_batch, nchw_output
+from .bn_act import bn_act_backward, bn_apply, bn_finalize, cfg_records, check_batch, rebuild_nchw
 from .conv_gemm import conv_dgrad, conv_fwd, conv_geom, conv_wgrad
-from .utils import from_nhwc, to_nhwc
+from .utils import from_nhwc, nchw_output, to_nhwc
 
 
 class _ConvBnActFn(torch.autograd.Function):

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .activations import act_code, act_grad, apply_act
-from .utils import from_nhwc, interpreting, pow2, to_nhwc
+from .utils import from_nhwc, interpreting, nchw_output, pow2, to_nhwc
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -218,7 +218,7 @@ class _SeBlockFn(torch.autograd.Function):
         ctx.cfg = cfg
         ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
         ctx.save_for_backward(xh, s, h, g, w1, w2, rh if act != "identity" else None)
-        return from_nhwc(y)
+        return nchw_output(y)
 
     @staticmethod
     def backward(ctx, dy):

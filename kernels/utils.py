@@ -26,6 +26,15 @@ def from_nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 3, 1, 2)
 
 
+def nchw_output(yh: torch.Tensor) -> torch.Tensor:
+    """The (N, C, H, W) channels_last tensor an op returns for its NHWC result buffer ``yh``.
+    Unlike ``from_nhwc`` (a view) it owns the storage, so callers may change it in place
+    (``relu_``, ``+=``): autograd forbids in-place changes to views made in a custom Function."""
+    n, h, w, c = yh.shape
+    out = yh.new_empty(0)
+    return out.set_(yh.untyped_storage(), yh.storage_offset(), (n, c, h, w), (h * w * c, 1, w * c, c))
+
+
 def pow2(n: int, lo: int = 16, hi: int = 128) -> int:
     """The next power of two >= n, clamped to [lo, hi]."""
     return max(lo, min(hi, triton.next_power_of_2(max(1, int(n)))))

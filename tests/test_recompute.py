@@ -191,3 +191,32 @@ def test_zoo_model_gradients_identical_with_rebuilds(name):
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layer", ["ConvBnAct", "ConvAct", "BnAct"])
+def test_fused_outputs_can_be_changed_in_place(backend, layer):
+    """Fused outputs own their storage: ``relu_`` / ``mul_`` on them work as on unfused
+    outputs, and gradients stay right (or autograd refuses, never silently wrong)."""
+    from fastcnn.layers import BnAct, ConvAct
+
+    torch.manual_seed(0)
+    make = {"ConvBnAct": lambda: ConvBnAct(3, 4), "ConvAct": lambda: ConvAct(3, 4),
+            "BnAct": lambda: BnAct(3)}[layer]
+    fused, ref = make().train(), make().train()
+    ref.load_state_dict(fused.state_dict())
+    fused.fused = True
+    x = torch.randn(2, 3, 5, 5)
+    y_ref = ref(x) * -2.0  # a sign flip: a stale activation mask would show
+    y_ref.sum().backward()
+    with fastcnn.use_backend(backend):
+        y = fused(x)
+        y.mul_(-2.0)
+        try:
+            y.sum().backward()
+        except RuntimeError as e:  # refusing is right when the op saved its output
+            assert "modified by an inplace operation" in str(e)
+            return
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    for p, p_ref in zip(fused.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-3, atol=1e-3)
