@@ -22,10 +22,18 @@ import torch
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 
-#: Order tried by ``auto`` for each device type. See README "Backends" for the reasoning.
-AUTO_ORDER = {
-    "cuda": ("triton", "cuda"),
-    "cpu": ("cpu", "triton"),
+OPS = ("conv_bn_act", "bn_act", "conv_act", "se_block")
+
+#: Order ``auto`` tries, per (device type, op), and why (the README's backend table is this).
+#: CPU: Triton runs there only in its interpreter (orders of magnitude slower), so the compiled
+#: extension is first; its speed against eager PyTorch is measured in bench/RESULTS.md.
+#: CUDA: not measured yet (no GPU has been lent to this project); Triton is first because its
+#: convolution fuses the BN statistics / folded BN, residual and activation into the conv
+#: epilogue (one launch, one write), where the extension runs cuDNN's conv and then a separate
+#: BN+activation pass. bench/bench_triton_*.py and bench_cuda_ext_fused.py measure both.
+AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
+    **{("cpu", op): ("cpu", "triton") for op in OPS},
+    **{("cuda", op): ("triton", "cuda") for op in OPS},
 }
 
 #: Python module implementing each op for each non-reference backend.
@@ -119,7 +127,7 @@ def resolve(op: str, device_type: str):
     """Return ``(backend_name, implementation)`` for ``op`` on ``device_type`` or raise a
     ``BackendUnavailableError`` that says what is missing and what is available."""
     wanted = get_backend()
-    candidates = AUTO_ORDER.get(device_type, ()) if wanted == "auto" else (wanted,)
+    candidates = AUTO_ORDER.get((device_type, op), ()) if wanted == "auto" else (wanted,)
     reasons = []
     for backend in candidates:
         reason = unavailable_reason(backend, op, device_type)
