@@ -148,6 +148,22 @@ def build_ext_class(base):
     return BuildExt
 
 
+def openmp_flags(torch) -> tuple[list[str], list[str]]:
+    """(compile, link) flags for OpenMP. at::parallel_for is OpenMP *in the header*
+    (ATen/ParallelOpenMP.h): compiled without -fopenmp, the extension's kernels run on one
+    thread whatever torch.set_num_threads says. Link against the libgomp that torch itself
+    loads (the wheels bundle one in torch/lib) so that both share one OpenMP runtime and
+    thread pool; fall back to the compiler's own (-fopenmp) when torch has none of its own."""
+    if sys.platform != "linux" or not torch._C.has_openmp:
+        say("torch has no OpenMP here: the CPU kernels run on one thread")
+        return [], []
+    bundled = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")))
+    if bundled:
+        say(f"OpenMP: linking torch's own {os.path.basename(bundled[0])}")
+        return ["-fopenmp"], [bundled[0]]
+    return ["-fopenmp"], ["-fopenmp"]
+
+
 def extensions():
     if os.environ.get("FASTCNN_NO_EXT") == "1":
         say("FASTCNN_NO_EXT=1: installing without the extension")
@@ -161,6 +177,8 @@ def extensions():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # torch's build helper picks the C++ standard; ATen's vec headers carry nvcc-only `#pragma unroll`
     extra = {"cxx": ["-O3", "-Wno-unknown-pragmas"]}
+    omp_compile, omp_link = openmp_flags(torch)
+    extra["cxx"] += omp_compile
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda(torch):
@@ -179,7 +197,7 @@ def extensions():
     if avx2_sources:
         define_macros.append(("FASTCNN_CPU_AVX2", None))
     ext = ext_cls("fastcnn._C", sources + avx2_sources, include_dirs=include_dirs,
-                  define_macros=define_macros, extra_compile_args=extra)
+                  define_macros=define_macros, extra_compile_args=extra, extra_link_args=omp_link)
     ext.fastcnn_avx2_sources = tuple(avx2_sources)
     build_cls = build_ext_class(BuildExtension).with_options(use_ninja=shutil.which("ninja") is not None)
     return [ext], {"build_ext": build_cls}

@@ -93,3 +93,30 @@ def test_se_block_default_and_avx2_agree(shape, layout, dtype, restore_capabilit
             return (y, pooled, *ops.se_block_backward(gy, x, pooled, w1, b1, w2, b2, r, act, p))
         ref, vec = both_builds(run)
         assert_all_close(ref, vec, dtype, f"se_block {act}")
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+def test_bn_act_results_do_not_depend_on_thread_count(layout, restore_threads):
+    """The kernels split work into fixed chunks with their own partial sums (not one per
+    thread), so 1 and 2 threads give bit-identical results; the shape spans several chunks."""
+    shape = (8, 32, 16, 16)
+    x, gy, r = make(shape, layout), make(shape, layout), make(shape, layout)
+    w, b = torch.rand(32) + 0.5, torch.randn(32)
+
+    def run():
+        y, mean, var = ops.bn_act_forward(x, w, b, r, 1e-5, "relu", 0.0)
+        return (y, mean, var, *ops.bn_act_backward(gy, x, w, b, r, mean, var, 1e-5, "relu", 0.0))
+
+    torch.set_num_threads(1)
+    one = run()
+    torch.set_num_threads(2)
+    two = run()
+    for i, (u, v) in enumerate(zip(one, two)):
+        assert torch.equal(u, v), f"output {i} differs between 1 and 2 threads"
