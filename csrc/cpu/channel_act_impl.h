@@ -166,9 +166,11 @@ struct Param {
 //   op.vec(off, P)   kW elements at offset off with those parameters
 //   op.one(off, l)   one element at offset off, lane l
 // NCHW (I > 1): runs of I elements, parameters loaded once per run. channels_last (I == 1):
-// blocks of up to kRows rows of one b; each vector step's parameters are loaded once for
-// the block. No divisions in the inner loops: indices advance incrementally.
+// blocks of up to kRows rows of one b (short rows; one row at a time otherwise); each
+// vector step's parameters are loaded once for the block. No divisions in the inner
+// loops: indices advance incrementally.
 constexpr int64_t kRows = 16;
+constexpr int64_t kShortRowBytes = 256;  // rows up to this long are processed in blocks
 
 template <typename MakeOp>
 void elementwise(const Geom& g, MakeOp&& make) {
@@ -194,11 +196,15 @@ void elementwise(const Geom& g, MakeOp&& make) {
     return;
   }
   const int64_t G = g.G, rows = g.B * g.O;
+  // Blocks of rows only for short rows: rows a multiple of 1-4 KiB apart fall into the same
+  // L1 sets, and kRows of them per tensor evict each other (measured 2.5x slower at C=1024).
+  using Op = decltype(make(int64_t{0}));
+  const int64_t block = G * Op::kElemSize <= kShortRowBytes ? kRows : 1;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / G), [&](int64_t r0, int64_t r1) {
     int64_t r = r0;
     while (r < r1) {
       const int64_t b = r / g.O;
-      const int64_t end = std::min({r1, (b + 1) * g.O, r + kRows});  // rows of one b
+      const int64_t end = std::min({r1, (b + 1) * g.O, r + block});  // rows of one b
       const auto op = make(b * G);
       const int64_t base = r * G, nr = end - r;
       int64_t c = 0;
@@ -270,6 +276,7 @@ std::vector<double> reduce_slots(const Geom& g, MakeE&& make) {
   // channels_last: chunks of kChunkRows rows of one b, per-lane fp32 sums per chunk; four
   // rows are summed in registers (one parameter load) before they touch the lane buffer.
   const int64_t G = g.G;
+  using E = decltype(make(int64_t{0}));
   const int64_t nchunk = (g.O + kChunkRows - 1) / kChunkRows;
   const int64_t tasks = g.B * nchunk;
   std::vector<double> part(2 * tasks * G);
@@ -284,7 +291,9 @@ std::vector<double> reduce_slots(const Geom& g, MakeE&& make) {
       const int64_t base = b * g.O * G;
       int64_t o = o0;
       if constexpr (kVec) {
-        for (; o + 4 <= o1; o += 4) {
+        // four rows at a time unless they are a multiple of 2-4 KiB apart (same L1 sets)
+        const int64_t o4 = G * E::kElemSize < 2048 ? o1 : o0;
+        for (; o + 4 <= o4; o += 4) {
           const int64_t row = base + o * G;
           int64_t c = 0;
           for (; c + kW <= G; c += kW) {
@@ -301,6 +310,20 @@ std::vector<double> reduce_slots(const Geom& g, MakeE&& make) {
           }
           for (; c < G; ++c)
             for (int64_t u = 0; u < 4; ++u) e.one(row + u * G + c, c, fa[c], fb[c]);
+        }
+        for (; o < o1; ++o) {
+          const int64_t row = base + o * G;
+          int64_t c = 0;
+          for (; c + kW <= G; c += kW) {
+            const auto Pm = e.load(c);
+            VF a0(0.f), a1(0.f), b0(0.f), b1(0.f);
+            e.vec(row + c, Pm, a0, a1, b0, b1);
+            (VF::loadu(fa + c) + a0).store(fa + c);
+            (VF::loadu(fa + c + kV) + a1).store(fa + c + kV);
+            (VF::loadu(fb + c) + b0).store(fb + c);
+            (VF::loadu(fb + c + kV) + b1).store(fb + c + kV);
+          }
+          for (; c < G; ++c) e.one(row + c, c, fa[c], fb[c]);
         }
       }
       for (; o < o1; ++o) {
@@ -329,6 +352,7 @@ std::vector<double> reduce_slots(const Geom& g, MakeE&& make) {
 // statistics: a = x - k, b = (x - k)^2 with k a per-slot shift (the slot's first element)
 template <typename T, bool LANE>
 struct StatsE {
+  static constexpr int64_t kElemSize = sizeof(T);
   const T* x;
   Param<LANE> k;
   inline PV load(int64_t l) const { return k.vec(l); }
@@ -365,6 +389,7 @@ inline void pre_act(const T* r, int64_t off, const VF& x0, const VF& x1, const P
 // backward: dz = gy * act'(x * s + t (+ r)); a = dz, b = dz * (x - c)
 template <typename T, int ACT, bool LANE, bool RES>
 struct GradE {
+  static constexpr int64_t kElemSize = sizeof(T);
   const T *gy, *x, *r;
   Param<LANE> s, t, c;
   float p;
@@ -400,6 +425,7 @@ struct GradE {
 // forward: y = act(x * s + t (+ r))
 template <typename T, int ACT, bool LANE, bool RES>
 struct ForwardOp {
+  static constexpr int64_t kElemSize = sizeof(T);
   const T* x;
   const T* r;
   T* y;
@@ -425,6 +451,7 @@ struct ForwardOp {
 // backward: dz as in GradE; gx = s * dz + a * (x - c) + b; gr = dz (with a residual)
 template <typename T, int ACT, bool LANE, bool RES>
 struct BackwardOp {
+  static constexpr int64_t kElemSize = sizeof(T);
   const T *gy, *x, *r;
   T *gx, *gr;
   Param<LANE> s, t, c, a, b;
