@@ -227,14 +227,21 @@ def _rebuild_scale_shift_act(x, scale, shift, act, act_param):
         return torch.ops.fastcnn.scale_shift_act(x, scale, shift, None, act, act_param)
 
 
-def _mark_rebuildable_bn(y, x, bn_weight, bn_bias, mean, var, eps, act, act_param):
-    """Let consumers keep a recipe for ``y`` (fastcnn.recompute). The scale/shift are computed
-    with the same ATen ops as ``bn_act_forward`` (csrc/bn_act.cpp) and applied by the same
-    elementwise kernel, so the rebuilt tensor equals ``y`` bit for bit."""
+def _rebuild_bn_act(x, bn_weight, bn_bias, versions, eps, act, act_param):
+    if (bn_weight._version, bn_bias._version) != versions:
+        raise RuntimeError("fastcnn: a BatchNorm weight or bias was changed in place between forward "
+                           "and backward; the activation saved as a recipe cannot be rebuilt")
     with torch.no_grad():
-        scale = bn_weight.detach().float() * torch.rsqrt(var + eps)
-        shift = bn_bias.detach().float() - mean * scale
-    mark_rebuildable(y, functools.partial(_rebuild_scale_shift_act, x.detach(), scale, shift, act, act_param))
+        return torch.ops.fastcnn.bn_act_forward(x, bn_weight, bn_bias, None, eps, act, act_param)[0]
+
+
+def _mark_rebuildable_bn(y, x, bn_weight, bn_bias, eps, act, act_param):
+    """Let consumers keep a recipe for ``y`` (fastcnn.recompute): the same op on the same
+    input (kept anyway for the op's backward) gives ``y`` again bit for bit (its reductions
+    are deterministic); nothing extra is computed in forward."""
+    w, b = bn_weight.detach(), bn_bias.detach()
+    mark_rebuildable(y, functools.partial(_rebuild_bn_act, x.detach(), w, b, (w._version, b._version),
+                                          eps, act, act_param))
 
 
 def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, momentum=0.1,
@@ -247,7 +254,7 @@ def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, m
         y, mean, var = torch.ops.fastcnn.bn_act_forward(x, bn_weight, bn_bias, residual, eps, act, act_param)
         _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         if residual is None and _rebuild_active() and y.requires_grad:
-            _mark_rebuildable_bn(y, x, bn_weight, bn_bias, mean, var, eps, act, act_param)
+            _mark_rebuildable_bn(y, x, bn_weight, bn_bias, eps, act, act_param)
         return y
     # eval: fold BN into scale/shift (tiny ops; autograd reaches bn_weight / bn_bias)
     scale = bn_weight.float() * torch.rsqrt(running_var.float() + eps)
