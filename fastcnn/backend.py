@@ -54,10 +54,6 @@ class BackendUnavailableError(RuntimeError):
 
 def check_backend(name: str) -> str:
     """``name`` if it is a backend name, else a ``ValueError`` listing the names."""
-    return _check_name(name)
-
-
-def _check_name(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return name
@@ -66,7 +62,7 @@ def _check_name(name: str) -> str:
 def set_backend(name: str) -> None:
     """Set the process-wide backend for fused ops."""
     global _default
-    _default = _check_name(name)
+    _default = check_backend(name)
 
 
 def get_backend() -> str:
@@ -76,7 +72,7 @@ def get_backend() -> str:
 @contextlib.contextmanager
 def use_backend(name: str):
     """``with fastcnn.use_backend("cpu"): ...`` -- temporarily choose the backend."""
-    _check_name(name)
+    check_backend(name)
     previous = getattr(_state, "override", None)
     _state.override = name
     try:

@@ -41,17 +41,7 @@ import triton.language as tl
 
 from ..recompute import mark_rebuildable
 from .activations import act_code, act_grad, apply_act
-from .utils import from_nhwc, interpreting, nchw_output, pow2, to_nhwc
-
-
-def cfg_records(cfg: tuple) -> bool:
-    """The last item of an op's cfg: was grad mode on when the op was called (so autograd
-    records it)? Inside ``Function.forward`` grad mode is always off."""
-    return cfg[-1]
-
-
-def rebuild_nchw(fn, *args):
-    return nchw_output(fn(*args))
+from .utils import from_nhwc, interpreting, nchw_output, pow2, rebuild_nchw, to_nhwc
 
 
 # --------------------------------------------------------------------------- kernels
@@ -323,7 +313,8 @@ def bn_act_backward(dyh, xh, mean, invstd, bn_weight, bn_bias, rh, act, act_para
 class _BnActFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, residual, cfg):
-        training, momentum, eps, act, act_param, _ = cfg
+        # records: grad mode was on at the call (inside Function.forward it is always off)
+        training, momentum, eps, act, act_param, records = cfg
         xh = to_nhwc(x)
         rh = to_nhwc(residual)
         c = xh.shape[-1]
@@ -338,7 +329,7 @@ class _BnActFn(torch.autograd.Function):
                                                  running_var, training=training, momentum=momentum,
                                                  eps=eps, device=x.device)
         y = nchw_output(bn_apply(xh, scale, shift, rh, act, act_param))
-        if training and rh is None and cfg_records(cfg) and any(ctx.needs_input_grad[:3]):
+        if training and rh is None and records and any(ctx.needs_input_grad[:3]):
             # consumers (the conv of a pre-activation unit) keep a recipe, not y
             mark_rebuildable(y, functools.partial(rebuild_nchw, bn_apply, xh, scale, shift, None, act, act_param))
         ctx.cfg = cfg

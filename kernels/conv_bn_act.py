@@ -36,21 +36,21 @@ import functools
 import torch
 
 from ..recompute import mark_rebuildable
-from .bn_act import bn_act_backward, bn_apply, bn_finalize, cfg_records, check_batch, rebuild_nchw
+from .bn_act import bn_act_backward, bn_apply, bn_finalize, check_batch
 from .conv_gemm import conv_dgrad, conv_fwd, conv_geom, conv_wgrad
-from .utils import from_nhwc, nchw_output, to_nhwc
+from .utils import from_nhwc, nchw_output, rebuild_nchw, to_nhwc
 
 
 class _ConvBnActFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, cfg):
-        stride, padding, dilation, groups, training, momentum, eps, act, act_param, _ = cfg
+        stride, padding, dilation, groups, training, momentum, eps, act, act_param, records = cfg
         gm = conv_geom(x.shape, weight.shape, stride, padding, dilation, groups)
         check_batch(gm.m, gm.cout, training)
         xh = to_nhwc(x)
         rh = to_nhwc(residual)
         # autograd runs forward with grad mode off; the wrapper tells whether it records
-        need_grad = cfg_records(cfg) and any(ctx.needs_input_grad[:8])
+        need_grad = records and any(ctx.needs_input_grad[:8])
         if training:
             out = conv_fwd(xh, weight, bias, gm, store_y=False, stats=True)
             z = out.z

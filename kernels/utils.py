@@ -35,6 +35,12 @@ def nchw_output(yh: torch.Tensor) -> torch.Tensor:
     return out.set_(yh.untyped_storage(), yh.storage_offset(), (n, c, h, w), (h * w * c, 1, w * c, c))
 
 
+def rebuild_nchw(fn, *args) -> torch.Tensor:
+    """``nchw_output(fn(*args))``: the recipe the ops give :mod:`fastcnn.recompute` for an
+    output they returned through :func:`nchw_output`."""
+    return nchw_output(fn(*args))
+
+
 def pow2(n: int, lo: int = 16, hi: int = 128) -> int:
     """The next power of two >= n, clamped to [lo, hi]."""
     return max(lo, min(hi, triton.next_power_of_2(max(1, int(n)))))
