@@ -13,6 +13,46 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _fix_interpreter_scalar_index() -> bool:
+    """Make Triton 3.6's interpreter accept runtime scalars as ``range`` bounds with NumPy >= 2.4.
+
+    Why: the interpreter holds every scalar kernel argument as a 1-element 1-D NumPy array and
+    converts it for ``range(...)`` with ``int(array)``, which NumPy 2.4 rejects ("only
+    0-dimensional arrays can be converted to Python scalars"), so every kernel whose loop bound
+    is a runtime value (the convolutions' reduction loops) fails on the Triton 3.6 + NumPy 2.4
+    that GPU images ship. Triton 3.8 converts with ``int(array.squeeze())``; this installs that
+    same conversion into 3.6's per-launch patching of ``tl.tensor``. Nothing changes for the
+    compiler (GPU) path or on a Triton whose interpreter already squeezes.
+    Returns whether the fix was installed.
+    """
+    import inspect
+
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_fastcnn_fixed", False):
+        return False
+    try:
+        src = inspect.getsource(original)
+    except (OSError, TypeError):
+        return False
+    if "int(self.handle.data)" not in src:  # already converts safely (Triton >= 3.7)
+        return False
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._fastcnn_fixed = True
+    interpreter._patch_lang_tensor = patched
+    return True
+
+
+_fix_interpreter_scalar_index()  # only the interpreter's patching changes: harmless when compiling
+
+
 def to_nhwc(t: torch.Tensor | None) -> torch.Tensor | None:
     """(N, C, H, W) tensor -> contiguous (N, H, W, C) tensor. A channels_last input is a
     free view; any other layout (NCHW, non-contiguous) is copied once."""
