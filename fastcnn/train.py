@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("speed and device")
     s.add_argument("--fused", action="store_true", help="use the fused kernels")
     s.add_argument("--backend", help="fused backend: auto | triton | cuda | cpu | reference")
-    s.add_argument("--amp", default="auto", help="bf16 | fp16 | off (default: bf16 on CUDA, off on CPU)")
+    s.add_argument("--amp", default="auto", help="auto | bf16 | fp16 | off (default auto: bf16 on GPUs of compute capability "
+                        ">= 8.0, fp16 with loss scaling below 8.0, off on CPU)")
     s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on for CUDA)")
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -205,14 +206,32 @@ def _check_recipe(r: Recipe) -> None:
         raise UsageError(f"--warmup-epochs must be in 0..{r.epochs}, got {r.warmup_epochs}")
 
 
+def _native_bf16(device: torch.device) -> bool:
+    """Whether GPU ``device`` computes bfloat16 in hardware (compute capability >= 8.0).
+    ``torch.cuda.is_bf16_supported()`` alone also says yes where bf16 is only *emulated*
+    (Turing, sm_75: no bf16 tensor-core or ALU path), which would make bf16 AMP slower than
+    fp32 there; ``including_emulation=False`` asks about the hardware."""
+    with torch.cuda.device(device):
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
 def _amp_dtype(amp: str, device: torch.device):
+    """``(name, autocast dtype or None)`` for ``--amp``. ``auto``: off on CPU; on a GPU bf16
+    where it is native (compute capability >= 8.0: no loss scaling needed, fp32's range) and
+    fp16 below (Turing's tensor cores do fp16; train() pairs fp16 with a GradScaler). An
+    explicit ``bf16`` on a GPU without native bf16 is an error rather than a silent slowdown."""
     amp = amp.lower()
     if amp not in ("auto", "bf16", "fp16", "off"):
-        raise UsageError(f"--amp {amp!r} is unknown; choose bf16, fp16 or off")
+        raise UsageError(f"--amp {amp!r} is unknown; choose auto, bf16, fp16 or off")
+    native_bf16 = device.type == "cuda" and _native_bf16(device)
     if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16")
+        amp = "off" if device.type != "cuda" else ("bf16" if native_bf16 else "fp16")
+    if amp == "bf16" and device.type == "cuda" and not native_bf16:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise UsageError(
+            f"--amp bf16: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no "
+            "bfloat16 hardware (it starts at 8.0, Ampere), so bf16 would only be emulated, slowly; "
+            "use --amp fp16 (with loss scaling) or --amp off")
     return amp, {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
