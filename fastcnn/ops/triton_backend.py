@@ -1,10 +1,19 @@
 """The ``triton`` backend: the Triton kernels of ``kernels/`` (installed as
 ``fastcnn.kernels``), each an autograd Function behind the signature of
-:mod:`fastcnn.ops.reference`."""
+:mod:`fastcnn.ops.reference`.
+
+Device: a Triton kernel launches on the *current* CUDA device, whatever device its tensors
+live on (the extension's ops have device guards; Triton's launcher has none). Each op here
+therefore runs its forward under ``torch.cuda.device(x.device)`` when ``x`` is on another
+GPU than the current one; the backward needs no guard, since autograd's engine runs each
+backward on a thread whose current device is that of the op's tensors."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+
+import torch
 
 #: op name -> module of ``fastcnn.kernels`` that implements it (a function of the same name)
 KERNEL_MODULES: dict[str, str] = {
@@ -45,17 +54,30 @@ def _impl(op):
     return fn
 
 
-def conv_bn_act(*args, **kwargs):
-    return _impl("conv_bn_act")(*args, **kwargs)
+def device_guard(device: torch.device):
+    """``torch.cuda.device(device)`` when ``device`` is a GPU other than the current one, else a
+    no-op context: the check is one comparison, so same-device launches pay nothing more."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
-def bn_act(*args, **kwargs):
-    return _impl("bn_act")(*args, **kwargs)
+def _run(op, x, *args, **kwargs):
+    with device_guard(x.device):
+        return _impl(op)(x, *args, **kwargs)
 
 
-def conv_act(*args, **kwargs):
-    return _impl("conv_act")(*args, **kwargs)
+def conv_bn_act(x, *args, **kwargs):
+    return _run("conv_bn_act", x, *args, **kwargs)
 
 
-def se_block(*args, **kwargs):
-    return _impl("se_block")(*args, **kwargs)
+def bn_act(x, *args, **kwargs):
+    return _run("bn_act", x, *args, **kwargs)
+
+
+def conv_act(x, *args, **kwargs):
+    return _run("conv_act", x, *args, **kwargs)
+
+
+def se_block(x, *args, **kwargs):
+    return _run("se_block", x, *args, **kwargs)
