@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import fastcnn
 from fastcnn.ops import reference as ref
 
-from bench_cpu_common import BATCH, BN_SHAPES, cpu_capability, shape_id, train_step
+from bench.bench_cpu_common import BATCH, BN_SHAPES, cpu_capability, shape_id, train_step
 
 
 def make(shape, residual):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fastcnn  # noqa: F401  (loads the extension)
 
-from bench_cpu_common import shape_id, train_step
+from bench.bench_cpu_common import shape_id, train_step
 
 BATCH = 2
 # (C, H, W, groups): ResNeXt-29 4x64d stages 1-3, then a depthwise layer

@@ -10,7 +10,7 @@ import torch
 import fastcnn
 from fastcnn.ops import reference as ref
 
-from bench_cpu_common import SE_BATCH, SE_SHAPES, cpu_capability, shape_id, train_step
+from bench.bench_cpu_common import SE_BATCH, SE_SHAPES, cpu_capability, shape_id, train_step
 
 
 def make(shape):

@@ -1,78 +1,139 @@
-"""Whole-model training-step throughput and peak memory: fused backends against plain PyTorch
-and torch.compile.
+"""Whole-model throughput and peak memory: eager PyTorch, ``torch.compile``, fused (every
+built backend) and fused + ``torch.compile``, side by side in one run.
 
-    python -m pytest bench/bench_models.py --benchmark-only --benchmark-json=models.json
+    pytest --benchmark-only --benchmark-json=models.json            # from the repository root
+    pytest --benchmark-only --bench-models=resnet20,wrn16_8 --bench-variants=eager,fused-cpu
+    python -m bench.report models.json                              # tables and charts
 
-On CUDA every zoo model runs at batch 128, bf16 autocast, channels_last (the goal: every model
-trains in under 3 GB); peak memory per step is stored in each result's ``extra_info``. On CPU
-a few small models run at batch 32 (eager vs the ``cpu`` extension backend), since that is
-what a CPU can answer in reasonable time.
+Workloads: ``train`` (forward, cross-entropy, backward, SGD-momentum step) and ``infer`` (eval
+mode, no grad). Variants and dtypes: see bench/harness.py. Compilation (and Triton autotuning)
+happens in untimed warm-up steps; its time is recorded apart (``compile_s``).
+
+Each result's ``extra_info`` has ``images_per_s`` (batch / median step time), ``peak_mem_bytes``
+(GPU: ``torch.cuda.max_memory_allocated`` over the timed steps; CPU: the peak of one step
+measured by ``fastcnn.memory.MemoryTracker``, parameters, gradients and optimizer state
+included; None for compiled variants on CPU, which the tracker cannot see into), and the run's environment (device, versions, threads, dtype, batch, date).
+
+Default selection: on a GPU every zoo model at batch 128; on CPU four models whose balance of
+convolution and BN/activation/SE work differs, at batches a 2-core machine runs in about 15
+minutes. ``--bench-models all`` selects the whole zoo.
 """
 from __future__ import annotations
+
+import gc
+import statistics
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastcnn
+from bench import harness
+from fastcnn.memory import MemoryTracker
 
-CUDA = torch.cuda.is_available()
-GPU_MODELS = ["simplenet", "simplenet_310k", "allcnn_c", "lenet5", "nin", "vgg19", "resnet20",
-              "resnet56", "resnet110", "resnet164", "wrn16_8", "wrn28_10", "resnext29_4x64d",
-              "resnext29_8x64d", "se_resnext29_4x64d", "densenet_bc_100_12", "densenet_bc_100_24",
-              "densenet_bc_160_24", "shathenet_v1_1"]
-CPU_MODELS = ["lenet5", "simplenet_310k", "resnet20"]
-GPU_VARIANTS = ["eager", "fused-triton", "fused-cuda", "compile"]
-CPU_VARIANTS = ["eager", "fused-cpu"]
+#: CPU defaults: model -> batch (resnet20 and densenet: BN/activation-heavy; se_resnext: SE;
+#: simplenet: convolution-bound)
+CPU_MODELS = {"resnet20": 64, "densenet_bc_100_12": 16, "se_resnext29_4x64d": 4, "simplenet": 32}
+GPU_BATCH = 128
+WORKLOADS = ["train", "infer"]
+ROUNDS = {"cuda": 20, "cpu": 5}
+WARMUP = 3
+
+
+def _models() -> list[str]:
+    chosen = harness.selected("models", [] if harness.CUDA else list(CPU_MODELS))
+    if chosen == ["all"] or (harness.CUDA and not chosen):
+        return [m for m in fastcnn.list_models() if fastcnn.model_info(m).input_size[-1] <= 64]
+    return chosen
+
+
+def _batch(name: str) -> int:
+    given = harness.selected("batch", [])
+    if given:
+        return int(given[0])
+    return GPU_BATCH if harness.CUDA else CPU_MODELS.get(name, 16)
 
 
 def _cases():
-    if CUDA:
-        return [("cuda", m, v) for m in GPU_MODELS for v in GPU_VARIANTS]
-    return [("cpu", m, v) for m in CPU_MODELS for v in CPU_VARIANTS]
+    """Every (model, workload, variant) selected; a typo in the selection is an error at
+    collection, never an empty run."""
+    models = _models()
+    unknown = [m for m in models if m not in fastcnn.list_models()]
+    if unknown:
+        raise pytest.UsageError(f"unknown model(s) in --bench-models: {', '.join(unknown)}")
+    variants = harness.selected("variants", harness.all_variants())
+    for v in variants:
+        fused, backend, _ = harness.parse_variant(v)
+        if v.removesuffix("+compile") not in ("eager", "compile") and not (fused and backend in fastcnn.BACKENDS):
+            raise pytest.UsageError(f"unknown variant {v!r} in --bench-variants; "
+                                    "variants: eager, compile, fused-<backend>[+compile]")
+    return [(m, w, v) for m in _models() for w in WORKLOADS for v in variants]
 
 
-def _build(name: str, variant: str, device: str):
-    fused = variant.startswith("fused")
-    backend = variant.split("-", 1)[1] if fused else "reference"
-    if fused and backend not in fastcnn.backend.available_backends("conv_bn_act", device):
-        pytest.skip(f"backend {backend} not available on {device}")
-    model = fastcnn.create_model(name, fused=fused).to(device)
-    if device == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if variant == "compile" else model
-    return model, step_model, backend
+def _build(name: str, variant: str, workload: str):
+    fused, backend, compiled = harness.parse_variant(variant)
+    torch.manual_seed(0)
+    model = fastcnn.create_model(name, fused=fused).to(harness.DEVICE)
+    model = model.to(memory_format=torch.channels_last).train(workload == "train")
+    run = torch.compile(model) if compiled else model
+    return model, run, backend
 
 
-@pytest.mark.parametrize("device,name,variant", _cases())
-def test_train_step(benchmark, device, name, variant):
-    model, step_model, backend = _build(name, variant, device)
-    batch = 128 if device == "cuda" else 32
+@pytest.mark.parametrize("name,workload,variant", _cases())
+def test_model(benchmark, name, workload, variant):
+    harness.skip_unavailable(variant)
+    model, run, backend = _build(name, variant, workload)
+    batch = _batch(name)
     info = fastcnn.model_info(name)
-    x = torch.randn(batch, *info.input_size, device=device)
-    if device == "cuda":
-        x = x.to(memory_format=torch.channels_last)
-    y = torch.randint(0, info.num_classes, (batch,), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *info.input_size, generator=gen).to(harness.DEVICE)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, info.num_classes, (batch,), generator=gen).to(harness.DEVICE)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
-    def step():
-        with fastcnn.use_backend(backend), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = F.cross_entropy(step_model(x), y)
+    def train_step():
+        with fastcnn.use_backend(backend), harness.autocast():
+            loss = F.cross_entropy(run(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
 
-    for _ in range(3):  # warm-up: compilation, autotuning, allocator
-        step()
-    if device == "cuda":
+    def infer_step():
+        with fastcnn.use_backend(backend), harness.autocast(), torch.no_grad():
+            run(x)
+
+    step = train_step if workload == "train" else infer_step
+    first = harness.timed(step)  # compilation, autotuning, allocator growth
+    warm = [harness.timed(step) for _ in range(WARMUP - 1)]
+    peak = None if "compile" in variant else _peak_bytes(step, model, opt, x, y)
+    if harness.CUDA:
         torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(step, rounds=10 if device == "cuda" else 3, iterations=1)
-    benchmark.extra_info["images_per_s"] = batch / benchmark.stats.stats.median
-    benchmark.extra_info["batch"] = batch
-    if device == "cuda":
+    benchmark.pedantic(lambda: (step(), harness.sync()), rounds=ROUNDS[harness.DEVICE], iterations=1)
+    if harness.CUDA:
         peak = torch.cuda.max_memory_allocated()
-        benchmark.extra_info["peak_mem_MiB"] = peak / 2**20
-        benchmark.extra_info["under_3GB"] = peak < 3 * 2**30
-        benchmark.extra_info["device"] = torch.cuda.get_device_name()
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(harness.environment())
+    benchmark.extra_info.update(
+        model=name, workload=workload, variant=variant, batch=batch,
+        images_per_s=batch / median, peak_mem_bytes=peak,
+        first_step_s=first, compile_s=max(0.0, first - statistics.median(warm)) if "compile" in variant else 0.0,
+        params=sum(p.numel() for p in model.parameters()),
+    )
+    del model, run, opt
+    gc.collect()
+
+
+def _peak_bytes(step, *held) -> int | None:
+    """CPU: the peak of live tensor bytes over one step (fastcnn.memory.MemoryTracker). GPU:
+    None here (the caller reads the CUDA allocator's peak over the timed steps). Not for
+    compiled variants on CPU: torch.compile does not run under a dispatch mode (it falls back
+    to eager, so the figure would be eager's), and the compiled code allocates its buffers
+    without the dispatcher."""
+    if harness.CUDA:
+        return None
+    with MemoryTracker("cpu") as mt:
+        mt.track(*held)
+        mt.reset_peak()
+        step()
+    return mt.peak

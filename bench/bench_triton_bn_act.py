@@ -12,7 +12,7 @@ import torch
 from fastcnn import ops
 from fastcnn.ops import reference
 
-from bench_triton_common import BATCH, MODES, VARIANTS, cl, needs_cuda, pick, run
+from bench.bench_triton_common import BATCH, MODES, VARIANTS, cl, needs_cuda, pick, run
 
 # name: (channels, hw)
 SHAPES = {"wrn28_10-s1": (160, 32), "wrn28_10-s2": (320, 16), "wrn28_10-s3": (640, 8),

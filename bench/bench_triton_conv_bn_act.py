@@ -12,7 +12,7 @@ import torch
 from fastcnn import ops
 from fastcnn.ops import reference
 
-from bench_triton_common import BATCH, MODES, VARIANTS, cl, needs_cuda, pick, run
+from bench.bench_triton_common import BATCH, MODES, VARIANTS, cl, needs_cuda, pick, run
 
 # name: (cin, hw, cout, k, stride, groups, residual)
 SHAPES = {

@@ -12,7 +12,7 @@ import torch
 from fastcnn import ops
 from fastcnn.ops import reference
 
-from bench_triton_common import BATCH, VARIANTS, cl, needs_cuda, pick, run
+from bench.bench_triton_common import BATCH, VARIANTS, cl, needs_cuda, pick, run
 
 SHAPES = {"se-s1": (256, 32), "se-s2": (512, 16), "se-s3": (1024, 8)}
 

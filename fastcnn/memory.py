@@ -1,22 +1,201 @@
-"""How many bytes of tensors a forward pass leaves saved for backward, measured on any device.
+"""Memory of a training step, measured independently of fastcnn's own machinery.
 
-Peak GPU memory needs a GPU; what autograd keeps between forward and backward does not. This
-counts the distinct storages the autograd graph holds after a forward (parameters excluded:
-they exist anyway), seen through saved-tensor hooks -- including the rebuild hooks of fused
-models (:mod:`fastcnn.recompute`), so a tensor kept as a recipe counts nothing. It is what the
-"one activation per layer" goal is about, and what the memory tests and benchmarks report.
+:class:`MemoryTracker` sees every tensor storage that any op creates, through the dispatcher
+(a ``TorchDispatchMode``), and follows each storage's lifetime with a ``weakref.finalize`` on
+it (PyTorch keeps one Python object per live storage, so the finalizer runs exactly when the
+storage is freed). Summing the sizes of the live storages gives, at every moment, the bytes of
+tensors alive -- parameters, gradients, optimizer state, activations saved for backward,
+whatever a rebuild recipe keeps alive through its closure, temporaries -- and its maximum is
+the step's peak, the figure ``torch.cuda.max_memory_allocated`` reports on a GPU (which adds
+allocator rounding to 512-byte blocks, and cuDNN/cuBLAS workspaces allocated inside a kernel
+call, that the dispatcher does not show). It does not rely on saved-tensor hooks, so it cannot
+be blind to what they hide.
+
+``python -m fastcnn.memory`` reports, per model, eager against fused: the peak of one whole
+training step (forward, backward, SGD-momentum step) and the bytes still alive after the
+forward beyond the parameters and optimizer state (what backward needs).
+
+:class:`SavedTensorCounter` is the older, narrower count of what the autograd graph's
+saved-tensor hooks hand back as tensors; it misses whatever rebuild recipes keep alive, so it
+is a debugging aid for :mod:`fastcnn.recompute`, not a memory figure.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import threading
+import weakref
+
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from . import recompute
 from .backend import check_backend
 
+MiB = 2**20
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Live tensor bytes over time, from storage lifetimes seen through the dispatcher.
+
+    ``with MemoryTracker() as mt:`` -- storages that ops create inside the block are counted
+    until they are freed; :meth:`track` adds tensors that already exist (parameters, optimizer
+    state, the input). ``mt.live`` is the bytes alive now, ``mt.peak`` the maximum so far,
+    :meth:`reset_peak` starts a new maximum. Storages are told apart by identity, so views and
+    in-place results cost nothing extra; a storage whose size changes (``resize_``) is re-read.
+    Thread-safe (backward may run on autograd's device threads).
+    """
+
+    def __init__(self, device: str | torch.device | None = None):
+        super().__init__()
+        self.device_type = torch.device(device).type if device is not None else None
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def track(self, *objects) -> "MemoryTracker":
+        """Count tensors that exist already: tensors, modules (parameters, gradients, buffers),
+        optimizers (their state) or nested lists/dicts of them."""
+        for obj in objects:
+            if isinstance(obj, nn.Module):
+                for p in obj.parameters():
+                    self._add(p)
+                    if p.grad is not None:
+                        self._add(p.grad)
+                for b in obj.buffers():
+                    self._add(b)
+            elif isinstance(obj, torch.optim.Optimizer):
+                for leaf in tree_leaves(list(obj.state.values())):
+                    if isinstance(leaf, torch.Tensor):
+                        self._add(leaf)
+            else:
+                for leaf in tree_leaves(obj):
+                    if isinstance(leaf, torch.Tensor):
+                        self._add(leaf)
+        return self
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def _add(self, t: torch.Tensor) -> None:
+        if self.device_type is not None and t.device.type != self.device_type:
+            return
+        storage = t.untyped_storage()
+        nbytes = storage.nbytes()
+        key = id(storage)
+        with self._lock:
+            known = self._sizes.get(key)
+            if known is None:
+                self._sizes[key] = nbytes
+                weakref.finalize(storage, self._free, key)
+                self.live += nbytes
+            elif known != nbytes:  # resized in place
+                self._sizes[key] = nbytes
+                self.live += nbytes - known
+            else:
+                return
+            if self.live > self.peak:
+                self.peak = self.live
+
+    def _free(self, key: int) -> None:
+        with self._lock:
+            self.live -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._add(leaf)
+        return out
+
+
+@dataclasses.dataclass
+class StepMemory:
+    """Bytes of one training step. ``static``: parameters, buffers and optimizer state before
+    the step (gradients are set to None between steps); ``after_forward``: bytes alive after
+    the forward beyond ``static`` and the input (what backward needs, the loss included);
+    ``peak``: the most bytes alive at any moment of forward + backward + optimizer step,
+    ``static`` and the input included (comparable with ``torch.cuda.max_memory_allocated``)."""
+
+    static: int
+    after_forward: int
+    peak: int
+    batch: int
+
+    @property
+    def retained_per_image(self) -> float:
+        return self.after_forward / self.batch
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def measure_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 optimizer: torch.optim.Optimizer | None = None,
+                 amp_dtype: torch.dtype | None = None) -> StepMemory:
+    """Measure one training step of ``model`` on ``(x, y)`` (cross-entropy loss, then
+    ``optimizer.step()``; an SGD-momentum optimizer whose state already exists is made if none
+    is given, so the figure is that of a steady-state step, not the first one)."""
+    import torch.nn.functional as F
+
+    if optimizer is None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        for p in model.parameters():  # steady state: momentum buffers exist
+            if p.requires_grad:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with MemoryTracker(x.device) as mt:
+        mt.track(model, optimizer, x, y)
+        static = mt.live - _nbytes(x) - _nbytes(y)
+        mt.reset_peak()
+        with _autocast(x.device, amp_dtype):
+            loss = F.cross_entropy(model(x), y)
+        after_forward = mt.live - static - _nbytes(x) - _nbytes(y)
+        loss.backward()
+        del loss
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        peak = mt.peak
+    return StepMemory(static=static, after_forward=after_forward, peak=peak, batch=x.shape[0])
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+def compare_models(names, batch: int = 4, backend: str = "auto", device: str = "cpu",
+                   amp_dtype: torch.dtype | None = None):
+    """Yield ``(name, eager StepMemory, fused StepMemory)`` for zoo models (random input at
+    the model's default size, same weights for both)."""
+    from .backend import use_backend
+    from .registry import create_model, model_info
+
+    for name in names:
+        info = model_info(name)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, *info.input_size, generator=gen).to(device)
+        y = torch.randint(0, info.num_classes, (batch,), generator=gen).to(device)
+        results = []
+        for fused in (False, True):
+            torch.manual_seed(0)
+            model = create_model(name, fused=fused).to(device)
+            with use_backend(backend):
+                results.append(measure_step(model, x, y, amp_dtype=amp_dtype))
+            del model
+        yield name, results[0], results[1]
+
 
 class SavedTensorCounter:
-    """Context manager; ``.bytes`` and ``.tensors`` after (or during) the block."""
+    """What the autograd graph's saved-tensor hooks keep as tensors (not what rebuild recipes
+    keep alive through their closures: use :class:`MemoryTracker` for memory figures).
+    Context manager; ``.bytes`` and ``.tensors`` after (or during) the block."""
 
     def __init__(self, exclude: nn.Module | None = None):
         self._exclude = set()
@@ -52,8 +231,8 @@ class SavedTensorCounter:
 
 
 def saved_bytes(model: nn.Module, *inputs, backward: bool = True) -> int:
-    """Bytes of non-parameter tensors that ``model(*inputs)`` keeps for backward. Runs the
-    backward too (``backward=True``) so that buffers are freed and the step is complete."""
+    """Bytes that the saved-tensor hooks see ``model(*inputs)`` keep (see
+    :class:`SavedTensorCounter`). Runs the backward too (``backward=True``)."""
     with SavedTensorCounter(exclude=model) as counter:
         out = model(*inputs)
     if backward:
@@ -61,26 +240,13 @@ def saved_bytes(model: nn.Module, *inputs, backward: bool = True) -> int:
     return counter.bytes
 
 
-def compare_models(names, batch: int = 4, backend: str = "auto"):
-    """Yield ``(name, unfused_bytes_per_image, fused_bytes_per_image)`` for zoo models in
-    training mode (fp32 inputs at the model's default size)."""
-    from .backend import use_backend
-    from .registry import create_model, model_info
-
-    for name in names:
-        info = model_info(name)
-        x = torch.randn(batch, *info.input_size)
-        torch.manual_seed(0)
-        plain = saved_bytes(create_model(name).train(), x)
-        torch.manual_seed(0)
-        with use_backend(backend):
-            fused = saved_bytes(create_model(name, fused=True).train(), x)
-        yield name, plain / batch, fused / batch
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv=None) -> None:
-    """``python -m fastcnn.memory [MODEL ...] [--batch N] [--backend B]``: bytes per image
-    that a training forward keeps for backward, unfused vs fused."""
+    """``python -m fastcnn.memory [MODEL ...] [--batch N] [--backend B] [--dtype D]``: per
+    model, eager vs fused, the peak bytes of a training step and the bytes a forward leaves
+    for backward, measured through the dispatcher (fastcnn.memory.MemoryTracker)."""
     import argparse
 
     from .registry import list_models, model_info
@@ -89,6 +255,9 @@ def main(argv=None) -> None:
     parser.add_argument("models", nargs="*", help="model names (default: the whole zoo)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--backend", default="auto", help="backend of the fused models")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(AMP_DTYPES),
+                        help="autocast dtype of the forward (default fp32: no autocast)")
     args = parser.parse_args(argv)
     if args.batch < 2:
         parser.exit(2, "error: --batch must be at least 2 (training-mode BatchNorm needs it)\n")
@@ -97,13 +266,24 @@ def main(argv=None) -> None:
         for name in names:
             model_info(name)
         check_backend(args.backend)
-    except ValueError as e:  # unknown model or backend, before any work
+        device = torch.device(args.device)
+    except (ValueError, RuntimeError) as e:  # unknown model, backend or device, before any work
         parser.exit(2, f"error: {e}\n")
-    print("| model | saved / image, unfused | saved / image, fused | fused / unfused |")
-    print("|---|---:|---:|---:|")
-    for name, plain, fused in compare_models(names, args.batch, args.backend):
-        print(f"| `{name}` | {plain / 2**20:,.2f} MiB | {fused / 2**20:,.2f} MiB | {fused / plain:.2f} |",
-              flush=True)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "error: --device cuda: no CUDA GPU is visible\n")
+    print(f"batch {args.batch}, {args.dtype}, device {device}, fused backend {args.backend}; "
+          "peak: live tensor bytes at the worst moment of forward + backward + SGD step "
+          "(parameters, gradients and optimizer state included); kept: bytes a forward "
+          "leaves for backward, per image")
+    print("| model | peak, eager | peak, fused | fused / eager | kept / image, eager | "
+          "kept / image, fused | fused / eager |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, eager, fused in compare_models(names, args.batch, args.backend, args.device,
+                                             AMP_DTYPES[args.dtype]):
+        print(f"| `{name}` | {eager.peak / MiB:,.1f} MiB | {fused.peak / MiB:,.1f} MiB | "
+              f"{fused.peak / eager.peak:.2f} | {eager.retained_per_image / MiB:,.2f} MiB | "
+              f"{fused.retained_per_image / MiB:,.2f} MiB | "
+              f"{fused.after_forward / eager.after_forward:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

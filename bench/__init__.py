@@ -1,0 +1,1 @@
+"""fastcnn benchmarks (pytest-benchmark) and their report tool (``python -m bench.report``)."""

@@ -1,0 +1,92 @@
+"""Host overhead of each fusable layer: the Python, dispatcher and launch work around the
+kernels, measured on tensors so small (2x8x4x4) that the arithmetic costs almost nothing.
+
+    pytest --benchmark-only bench/bench_host_overhead.py --benchmark-json=host.json
+
+This is the part of a step's cost that does not shrink on a fast GPU: at batch 128 a CIFAR
+layer's kernels take tens of microseconds on an H100, so a layer whose host work costs more
+than eager's conv+BN+ReLU makes the fused model slower however fast its kernels are. Target
+(host-overhead issue): fused <= 1.0x eager for every layer, training and eval.
+
+Layers: ConvBnAct (with and without a residual), BnAct, BnActConv, ConvAct and the SE block
+(``SqueezeExcite`` with residual and ReLU), as the zoo uses them. Modes: ``train`` (forward +
+backward, batch statistics) and ``eval`` (forward, no grad). Variants: ``eager`` (the same
+module with ``fused=False``) and ``fused-<backend>`` for every backend built for the device
+(on CPU the Triton interpreter is not timed). On CPU the benchmark runs on one thread (host
+work is single-threaded; a second thread only adds noise); each round is 20 calls.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastcnn
+from bench import harness
+from fastcnn.layers import BnAct, BnActConv, ConvAct, ConvBnAct, set_fused
+from fastcnn.layers.squeeze_excite import SqueezeExcite
+
+N, C, H, W = 2, 8, 4, 4
+CALLS_PER_ROUND = 20
+LAYERS = {
+    "ConvBnAct": (lambda: ConvBnAct(C, C), False),
+    "ConvBnAct+residual": (lambda: ConvBnAct(C, C), True),
+    "BnAct": (lambda: BnAct(C), False),
+    "BnActConv": (lambda: BnActConv(C, C), False),
+    "ConvAct": (lambda: ConvAct(C, C), False),
+    "SE+residual": (lambda: SqueezeExcite(C, reduction=4, out_act="relu"), True),
+}
+MODES = ["train", "eval"]
+
+
+def _variants():
+    return ["eager"] + [f"fused-{b}" for b in harness.fused_backends()]
+
+
+@pytest.fixture
+def one_thread():
+    if harness.CUDA:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("variant", _variants())
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_host_overhead(benchmark, one_thread, layer, mode, variant):
+    harness.skip_unavailable(variant)
+    fused, backend, _ = harness.parse_variant(variant)
+    make, with_residual = LAYERS[layer]
+    torch.manual_seed(0)
+    module = set_fused(make(), fused).to(harness.DEVICE).train(mode == "train")
+    x = torch.randn(N, C, H, W, device=harness.DEVICE).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn_like(x) if with_residual else None
+    if mode == "train":
+        x.requires_grad_(True)
+    args = (x,) if residual is None else (x, residual)
+
+    def train_call():
+        module(*args).sum().backward()
+
+    def eval_call():
+        with torch.no_grad():
+            module(*args)
+
+    call = train_call if mode == "train" else eval_call
+
+    def rounds():
+        for _ in range(CALLS_PER_ROUND):
+            call()
+        harness.sync()
+
+    with fastcnn.use_backend(backend):
+        for _ in range(3):  # warm-up: autotuning, first-call caches
+            rounds()
+        benchmark.pedantic(rounds, rounds=30 if harness.CUDA else 20, iterations=1, warmup_rounds=1)
+    per_call = benchmark.stats.stats.median / CALLS_PER_ROUND
+    benchmark.extra_info.update(harness.environment())
+    benchmark.extra_info.update(layer=layer, mode=mode, variant=variant, shape=f"{N}x{C}x{H}x{W}",
+                                per_call_us=per_call * 1e6, calls_per_round=CALLS_PER_ROUND)

@@ -1,0 +1,506 @@
+"""Regenerate the measured sections of bench/RESULTS.md and README.md, and the charts in
+bench/plots/, from benchmark runs -- so no figure there is typed by hand.
+
+    python -m bench.report bench/runs/*.json [--training RUN_DIR ...]
+
+Inputs: pytest-benchmark JSON files (``--benchmark-json``) of bench/bench_models.py and
+bench/bench_host_overhead.py (other benchmarks in them are ignored), and training run folders
+(``metrics.jsonl`` + ``config.json`` of ``python -m fastcnn.train``) for the training-quality
+comparison. Results are grouped by device and dtype; within a group the latest run of a case
+wins. Each generated section sits between ``<!-- BEGIN report:NAME -->`` and
+``<!-- END report:NAME -->`` markers and is replaced whole; the text around it is kept. A
+section for which no run was given says so (for instance: no GPU figures yet).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "RESULTS.md"
+README = ROOT / "README.md"
+PLOTS = ROOT / "bench" / "plots"
+BUDGET = 3 * 2**30  # the small-GPU goal: a training step at batch 128 within 3 GB
+MiB = 2**20
+
+
+class ReportError(Exception):
+    """An input the report cannot use, named with the reason."""
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_benchmarks(paths):
+    """``(models, host)``: lists of result dicts (extra_info + median seconds + source file)."""
+    models, host = {}, {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ReportError(f"{path}: not a readable pytest-benchmark JSON file ({e})") from e
+        if "benchmarks" not in data:
+            raise ReportError(f"{path}: no 'benchmarks' list (is it a --benchmark-json file?)")
+        for b in data["benchmarks"]:
+            info = dict(b.get("extra_info", {}))
+            if "variant" not in info or "device" not in info:
+                continue  # a kernel-level benchmark: not part of these sections
+            info["median_s"] = b["stats"]["median"]
+            info["source"] = Path(path).name
+            info.setdefault("command", data.get("command", ""))
+            if "model" in info:
+                models[(info["device"], info["dtype"], info["model"], info["workload"], info["variant"])] = info
+            elif "layer" in info:
+                host[(info["device"], info["layer"], info["mode"], info["variant"])] = info
+    return list(models.values()), list(host.values())
+
+
+def load_training(run_dirs):
+    runs = []
+    for d in run_dirs:
+        d = Path(d)
+        metrics, config = d / "metrics.jsonl", d / "config.json"
+        if not metrics.is_file() or not config.is_file():
+            raise ReportError(f"{d}: not a training run folder (needs metrics.jsonl and config.json)")
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if not rows:
+            raise ReportError(f"{metrics}: no epochs recorded")
+        runs.append({"dir": d, "name": d.name, "rows": rows, "config": json.loads(config.read_text())})
+    return runs
+
+
+# --------------------------------------------------------------------------- helpers
+
+def geomean(values):
+    values = [v for v in values if v and v > 0]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def fmt_ratio(r):
+    return "–" if r is None else f"{r:.2f}x"
+
+
+def fmt_ips(v):
+    return "–" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:,.1f}")
+
+
+def fmt_mib(b):
+    if b is None:
+        return "–"
+    return f"{b / MiB:,.0f} MiB" if b >= 100 * MiB else f"{b / MiB:,.1f} MiB"
+
+
+def variant_order(variants):
+    rank = {"eager": 0, "compile": 1}
+    return sorted(variants, key=lambda v: (rank.get(v, 2), v.endswith("+compile"), v))
+
+
+def stamp(group):
+    """One line naming where and when a group of results was measured."""
+    first = group[0]
+    bits = [first["device"], f"torch {first['torch']}"]
+    if first.get("triton"):
+        bits.append(f"Triton {first['triton']}")
+    bits.append(f"{first['threads']} thread{'s' if first['threads'] != 1 else ''}")
+    dates = sorted({r["date"] for r in group})
+    bits.append(dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}")
+    return ", ".join(bits)
+
+
+def commands(group):
+    return sorted({r.get("command", "") for r in group if r.get("command")})
+
+
+# --------------------------------------------------------------------------- model section
+
+def model_tables(results):
+    """Markdown for the whole-model benchmarks, one block per (device, dtype)."""
+    if not results:
+        return "No whole-model benchmark run recorded yet (`pytest --benchmark-only bench/bench_models.py`).\n"
+    out = []
+    by_group = defaultdict(list)
+    for r in results:
+        by_group[(r["device"], r["dtype"])].append(r)
+    for (device, dtype), group in sorted(by_group.items()):
+        out.append(f"#### {device}, {dtype}\n")
+        out.append(f"Measured: {stamp(group)}. Command: " + "; ".join(f"`{c}`" for c in commands(group)) + "\n")
+        for workload, title in (("train", "Training step (forward, backward, SGD-momentum)"),
+                                ("infer", "Inference (eval, no grad)")):
+            rows = [r for r in group if r["workload"] == workload]
+            if not rows:
+                continue
+            variants = variant_order({r["variant"] for r in rows})
+            table = {(r["model"], r["variant"]): r for r in rows}
+            models = sorted({r["model"] for r in rows})
+            out.append(f"**{title}**: images/s (batch), and speed-up of each variant over eager "
+                       "/ over `torch.compile`.\n")
+            head = ["model", "batch"] + [f"{v} img/s" for v in variants]
+            others = [v for v in variants if v != "eager"]
+            head += [f"{v} / eager" for v in others]
+            head += [f"{v} / compile" for v in others if v.startswith("fused")]
+            out.append("| " + " | ".join(head) + " |")
+            out.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+            speedups = defaultdict(list)
+            for m in models:
+                eager = table.get((m, "eager"))
+                comp = table.get((m, "compile"))
+                batch = next(r["batch"] for r in rows if r["model"] == m)
+                cells = [f"`{m}`", str(batch)]
+                cells += [fmt_ips(table[(m, v)]["images_per_s"]) if (m, v) in table else "–" for v in variants]
+                for v in others:
+                    r = _ratio(table.get((m, v)), eager)
+                    speedups[(v, "eager")].append(r)
+                    cells.append(fmt_ratio(r))
+                for v in others:
+                    if v.startswith("fused"):
+                        r = _ratio(table.get((m, v)), comp)
+                        speedups[(v, "compile")].append(r)
+                        cells.append(fmt_ratio(r))
+                out.append("| " + " | ".join(cells) + " |")
+            cells = ["**geometric mean**", ""] + [""] * len(variants)
+            cells += [fmt_ratio(geomean(speedups[(v, "eager")])) for v in others]
+            cells += [fmt_ratio(geomean(speedups[(v, "compile")])) for v in others if v.startswith("fused")]
+            out.append("| " + " | ".join(cells) + " |\n")
+        out.append(memory_table(group))
+        compiled = [r for r in group if r.get("compile_s")]
+        if compiled:
+            parts = [f"{r['model']} {r['workload']} {r['variant']}: {r['compile_s']:.0f} s" for r in
+                     sorted(compiled, key=lambda r: (r["model"], r["workload"], r["variant"]))]
+            out.append("Compile time (first step minus a warm step; not in the timings): " + "; ".join(parts) + ".\n")
+    return "\n".join(out)
+
+
+def _ratio(a, b):
+    if not a or not b:
+        return None
+    return a["images_per_s"] / b["images_per_s"]
+
+
+def memory_table(group):
+    rows = [r for r in group if r["workload"] == "train" and r.get("peak_mem_bytes")]
+    if not rows:
+        return ""
+    gpu = group[0]["device_type"] == "cuda"
+    variants = variant_order({r["variant"] for r in rows})
+    table = {(r["model"], r["variant"]): r for r in rows}
+    how = ("`torch.cuda.max_memory_allocated` over the timed steps" if gpu else
+           "peak of live tensor bytes in one step, `fastcnn.memory.MemoryTracker` (compiled "
+           "variants: not measurable this way)")
+    lines = [f"**Peak memory of a training step** ({how}; parameters, gradients and optimizer "
+             f"state included). The small-GPU goal is a batch-128 step under 3 GB"
+             + (":" if gpu else "; these CPU batches are smaller, so only the ratios carry over:") + "\n",
+             "| model | batch | " + " | ".join(variants) + " | fused / eager |",
+             "|" + "|".join(["---", "---:"] + ["---:"] * (len(variants) + 1)) + "|"]
+    for m in sorted({r["model"] for r in rows}):
+        batch = next(r["batch"] for r in rows if r["model"] == m)
+        cells = [f"`{m}`", str(batch)]
+        for v in variants:
+            r = table.get((m, v))
+            mark = " **(over 3 GB)**" if gpu and r and r["peak_mem_bytes"] > BUDGET else ""
+            cells.append(fmt_mib(r["peak_mem_bytes"]) + mark if r else "–")
+        eager = table.get((m, "eager"))
+        fused = [table[(m, v)] for v in variants if v.startswith("fused") and not v.endswith("+compile") and (m, v) in table]
+        cells.append(", ".join(f"{f['peak_mem_bytes'] / eager['peak_mem_bytes']:.2f}" for f in fused)
+                     if eager and fused else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- host section
+
+def host_table(results):
+    if not results:
+        return "No host-overhead run recorded yet (`pytest --benchmark-only bench/bench_host_overhead.py`).\n"
+    out = []
+    by_device = defaultdict(list)
+    for r in results:
+        by_device[r["device"]].append(r)
+    for device, group in sorted(by_device.items()):
+        variants = variant_order({r["variant"] for r in group})
+        fused = [v for v in variants if v != "eager"]
+        table = {(r["layer"], r["mode"], r["variant"]): r for r in group}
+        out.append(f"#### {device}\n")
+        out.append(f"Measured: {stamp(group)}; tensors {group[0]['shape']}, time per layer call "
+                   "(median of rounds of 20 calls). Target: fused / eager <= 1.00. Command: "
+                   + "; ".join(f"`{c}`" for c in commands(group)) + "\n")
+        head = ["layer", "mode"] + [f"{v} (us)" for v in variants] + [f"{v} / eager" for v in fused]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|")
+        for layer in sorted({r["layer"] for r in group}):
+            for mode in ("train", "eval"):
+                if (layer, mode, "eager") not in table:
+                    continue
+                eager = table[(layer, mode, "eager")]["per_call_us"]
+                cells = [layer, mode]
+                cells += [f"{table[(layer, mode, v)]['per_call_us']:,.0f}" if (layer, mode, v) in table else "–"
+                          for v in variants]
+                for v in fused:
+                    r = table.get((layer, mode, v))
+                    cells.append(f"{r['per_call_us'] / eager:.2f}" if r else "–")
+                out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- training section
+
+def training_table(runs):
+    if not runs:
+        return "No training-quality run recorded yet.\n"
+    lines = [f"Measured: {_training_stamp(runs)}.\n", "| run | model | fused | backend | epochs | schedule | seed | final test acc | best test acc | "
+             "mean epoch time |", "|---|---|---|---|---:|---|---:|---:|---:|---:|"]
+    for run in runs:
+        a, rows = _cfg(run), run["rows"]
+        final, best = rows[-1]["test_acc"], max(r["test_acc"] for r in rows)
+        times = [r["epoch_time_s"] for r in rows if r.get("epoch_time_s")]
+        lines.append(f"| {run['name']} | {a.get('model', '?')} | {a.get('fused', '?')} | {a.get('backend', '?')} | "
+                     f"{len(rows)} | {a.get('schedule', '?')} | {a.get('seed', '?')} | {final:.2f}% | {best:.2f}% | "
+                     + (f"{sum(times) / len(times):,.0f} s |" if times else "– |"))
+    fused = [r for r in runs if _cfg(r).get("fused")]
+    plain = [r for r in runs if not _cfg(r).get("fused")]
+    if fused and plain:
+        d = fused[0]["rows"][-1]["test_acc"] - plain[0]["rows"][-1]["test_acc"]
+        verdict = "within" if abs(d) <= 1.0 else "NOT within"
+        lines.append(f"\nFinal test accuracy, fused minus unfused: {d:+.2f} points ({verdict} the 1-point target).")
+    return "\n".join(lines) + "\n"
+
+
+def _cfg(run):
+    """The run's settings: its command-line arguments, overridden by the resolved values
+    (model, fused, backend, device, torch) and the recipe (schedule, epochs...)."""
+    cfg = run["config"]
+    return {**cfg.get("args", {}), **cfg.get("recipe", {}),
+            **{k: v for k, v in cfg.items() if not isinstance(v, dict)}}
+
+
+# --------------------------------------------------------------------------- charts
+
+def charts(models, host, training, plots_dir: Path):
+    """Write the PNG charts; returns the list of files (empty if matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("report: matplotlib is not installed; tables written, charts skipped "
+              "(pip install matplotlib)", file=sys.stderr)
+        return []
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    by_group = defaultdict(list)
+    for r in models:
+        by_group[(r["device"], r["dtype"])].append(r)
+    for (device, dtype), group in sorted(by_group.items()):
+        slug = _slug(f"{group[0]['device_type']}-{device}-{dtype}")
+        fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
+        for ax, workload in zip(axes[:2], ("train", "infer")):
+            rows = [r for r in group if r["workload"] == workload]
+            eager = {r["model"]: r["images_per_s"] for r in rows if r["variant"] == "eager"}
+            variants = [v for v in variant_order({r["variant"] for r in rows}) if v != "eager"]
+            mods = sorted(eager)
+            width = 0.8 / max(1, len(variants))
+            for i, v in enumerate(variants):
+                vals = [next((r["images_per_s"] / eager[m] for r in rows if r["model"] == m and r["variant"] == v), 0)
+                        for m in mods]
+                ax.bar([j + i * width for j in range(len(mods))], vals, width, label=v)
+            ax.axhline(1.0, color="black", lw=0.8)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(mods))], mods, rotation=30, ha="right", fontsize=8)
+            ax.set_ylabel("images/s relative to eager")
+            ax.set_title(f"{'training step' if workload == 'train' else 'inference'}: speed-up over eager")
+            ax.legend(fontsize=7)
+        ax = axes[2]
+        rows = [r for r in group if r["workload"] == "train" and r.get("peak_mem_bytes")]
+        mods = sorted({r["model"] for r in rows})
+        variants = variant_order({r["variant"] for r in rows})
+        width = 0.8 / max(1, len(variants))
+        for i, v in enumerate(variants):
+            vals = [next((r["peak_mem_bytes"] / MiB for r in rows if r["model"] == m and r["variant"] == v), 0)
+                    for m in mods]
+            ax.bar([j + i * width for j in range(len(mods))], vals, width, label=v)
+        if group[0]["device_type"] == "cuda":
+            ax.axhline(BUDGET / MiB, color="red", ls="--", lw=1, label="3 GB")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(mods))], mods, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("MiB")
+        ax.set_title("peak memory of a training step")
+        ax.legend(fontsize=7)
+        _stamp(fig, group)
+        path = plots_dir / f"models_{slug}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    by_device = defaultdict(list)
+    for r in host:
+        by_device[r["device"]].append(r)
+    for device, group in sorted(by_device.items()):
+        fig, ax = plt.subplots(figsize=(10, 5))
+        eager = {(r["layer"], r["mode"]): r["per_call_us"] for r in group if r["variant"] == "eager"}
+        keys = sorted(eager)
+        variants = [v for v in variant_order({r["variant"] for r in group}) if v != "eager"]
+        width = 0.8 / max(1, len(variants))
+        for i, v in enumerate(variants):
+            vals = [next((r["per_call_us"] / eager[k] for r in group if (r["layer"], r["mode"]) == k and r["variant"] == v), 0)
+                    for k in keys]
+            ax.bar([j + i * width for j in range(len(keys))], vals, width, label=v)
+        ax.axhline(1.0, color="red", ls="--", lw=1, label="eager (target)")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [f"{l}\n{m}" for l, m in keys], fontsize=7,
+                      rotation=30, ha="right")
+        ax.set_ylabel("host time per call, relative to eager")
+        ax.set_title("host overhead per layer (tiny tensors)")
+        ax.legend(fontsize=8)
+        _stamp(fig, group)
+        path = plots_dir / f"host_overhead_{_slug(group[0]['device_type'] + '-' + device)}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    if training:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for run in training:
+            ep = [r["epoch"] for r in run["rows"]]
+            label = f"{run['name']} ({'fused' if _cfg(run).get('fused') else 'unfused'})"
+            a1.plot(ep, [r["train_loss"] for r in run["rows"]], marker="o", label=label)
+            a2.plot(ep, [r["test_acc"] for r in run["rows"]], marker="o", label=label)
+        a1.set_xlabel("epoch"), a1.set_ylabel("train loss"), a1.legend(fontsize=8)
+        a2.set_xlabel("epoch"), a2.set_ylabel("test accuracy (%)"), a2.legend(fontsize=8)
+        fig.suptitle("training quality: fused vs unfused, same seed and recipe")
+        fig.text(0.01, 0.01, _training_stamp(training), fontsize=7, color="gray")
+        fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+        path = plots_dir / "training_quality.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _training_stamp(runs):
+    """Device, torch and date of each run (the date is that of its last recorded epoch)."""
+    import datetime
+
+    parts = []
+    for r in runs:
+        a = _cfg(r)
+        date = datetime.date.fromtimestamp((r["dir"] / "metrics.jsonl").stat().st_mtime).isoformat()
+        parts.append(f"{r['name']}: {a.get('device', '?')}, torch {a.get('torch', '?')}, "
+                     f"{a.get('threads') or 'default'} thread(s), {date}")
+    return "; ".join(parts)
+
+
+def _stamp(fig, group):
+    fig.text(0.01, 0.01, f"{stamp(group)}; " + " ; ".join(commands(group)), fontsize=7, color="gray", wrap=True)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+
+
+def _slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
+
+
+# --------------------------------------------------------------------------- summary for README
+
+def summary(models, host, training):
+    lines = []
+    gpu = [r for r in models if r["device_type"] == "cuda"]
+    if not gpu:
+        lines.append("- **GPU: no figures yet.** No kernel of this project has run on a GPU; "
+                     "`bash bench/gpu_check.sh OUT` produces them on one.")
+    by_group = defaultdict(list)
+    for r in models:
+        by_group[(r["device"], r["dtype"])].append(r)
+    for (device, dtype), group in sorted(by_group.items()):
+        for workload in ("train", "infer"):
+            rows = [r for r in group if r["workload"] == workload]
+            eager = {r["model"]: r for r in rows if r["variant"] == "eager"}
+            comp = {r["model"]: r for r in rows if r["variant"] == "compile"}
+            parts = []
+            for v in variant_order({r["variant"] for r in rows}):
+                if v == "eager":
+                    continue
+                ratios = [_ratio(r, eager.get(r["model"])) for r in rows if r["variant"] == v]
+                text = f"{v} {fmt_ratio(geomean(ratios))}"
+                if v.startswith("fused") and comp:
+                    text += f" (vs compile {fmt_ratio(geomean([_ratio(r, comp.get(r['model'])) for r in rows if r['variant'] == v]))})"
+                parts.append(text)
+            if parts:
+                models_list = ", ".join(sorted(eager))
+                lines.append(f"- {device}, {dtype}, {'training step' if workload == 'train' else 'inference'} "
+                             f"({models_list}), geometric mean over eager: " + "; ".join(parts) + ".")
+    by_device = defaultdict(list)
+    for r in host:
+        by_device[r["device"]].append(r)
+    for device, group in sorted(by_device.items()):
+        eager = {(r["layer"], r["mode"]): r["per_call_us"] for r in group if r["variant"] == "eager"}
+        for v in variant_order({r["variant"] for r in group}):
+            if v == "eager":
+                continue
+            ratios = {(r["layer"], r["mode"]): r["per_call_us"] / eager[(r["layer"], r["mode"])]
+                      for r in group if r["variant"] == v and (r["layer"], r["mode"]) in eager}
+            if ratios:
+                worst = max(ratios, key=ratios.get)
+                lines.append(f"- {device}, host overhead of a fused layer ({v}): "
+                             f"{min(ratios.values()):.2f}-{max(ratios.values()):.2f}x eager "
+                             f"(worst: {worst[0]} {worst[1]}; target <= 1.00x).")
+    fused = [r for r in training if _cfg(r).get("fused")]
+    plain = [r for r in training if not _cfg(r).get("fused")]
+    if fused and plain:
+        f, p = fused[0], plain[0]
+        lines.append(f"- Training quality ({_cfg(f).get('model')}, {len(f['rows'])} epochs, same seed and recipe): "
+                     f"fused {f['rows'][-1]['test_acc']:.2f}% vs unfused {p['rows'][-1]['test_acc']:.2f}% test accuracy.")
+    lines.append("\nDetails, dates and commands: [bench/RESULTS.md](bench/RESULTS.md) (generated by "
+                 "`python -m bench.report`).")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- writing
+
+def replace_section(text: str, name: str, body: str, path: Path) -> str:
+    begin, end = f"<!-- BEGIN report:{name} -->", f"<!-- END report:{name} -->"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise ReportError(f"{path}: no '{begin}' ... '{end}' markers; add them where the section goes")
+    return pattern.sub(lambda _: f"{begin}\n{body.rstrip()}\n{end}", text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="*", help="pytest-benchmark JSON files")
+    parser.add_argument("--training", nargs="*", default=[], help="training run folders (fused and unfused)")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--plots", type=Path, default=PLOTS)
+    parser.add_argument("--print", action="store_true", help="print the sections instead of writing files")
+    args = parser.parse_args(argv)
+    try:
+        models, host = load_benchmarks(args.runs)
+        training = load_training(args.training)
+        if not (models or host or training):
+            raise ReportError("nothing to report: the inputs hold no bench_models / bench_host_overhead "
+                              "result and no training run")
+        sections = {"models": model_tables(models), "host": host_table(host), "training": training_table(training)}
+        if args.print:
+            for name, body in sections.items():
+                print(f"## {name}\n\n{body}")
+            print(summary(models, host, training))
+            return 0
+        plots = charts(models, host, training, args.plots)
+        if plots:
+            sections["plots"] = "\n".join(f"![{p.stem}]({Path(os.path.relpath(p, args.results.parent)).as_posix()})"
+                                          for p in plots) + "\n"
+        text = args.results.read_text()
+        for name, body in sections.items():
+            text = replace_section(text, name, body, args.results)
+        readme = replace_section(args.readme.read_text(), "summary", summary(models, host, training), args.readme)
+        args.results.write_text(text)  # both checked before either is written
+        args.readme.write_text(readme)
+    except ReportError as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: wrote {args.results} and {args.readme}" + (f", {len(plots)} chart(s) in {args.plots}" if plots else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""fastcnn.memory.MemoryTracker: live bytes from storage lifetimes seen through the dispatcher,
+checked against allocations whose sizes are known, and (on a GPU) against the CUDA allocator."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fastcnn
+from fastcnn.memory import MemoryTracker, measure_step
+
+KiB = 1024
+
+
+def test_counts_live_storages_and_peak():
+    with MemoryTracker() as mt:
+        a = torch.empty(1000, dtype=torch.float32)          # 4000 B
+        b = torch.empty(250, dtype=torch.float64)           # 2000 B
+        view = a[10:20]                                     # a view: no new storage
+        assert mt.live == 6000
+        del a                                               # the view keeps a's storage alive
+        assert mt.live == 6000
+        del view
+        assert mt.live == 2000
+        c = torch.empty(3 * KiB, dtype=torch.uint8)
+        assert mt.peak == 6000 and mt.live == 2000 + 3 * KiB
+        del b, c
+        assert mt.live == 0
+
+
+def test_tracks_existing_tensors_and_resizes():
+    model = nn.Linear(10, 4)                                # 40 + 4 floats
+    with MemoryTracker() as mt:
+        mt.track(model)
+        assert mt.live == 44 * 4
+        t = torch.empty(0)
+        t.resize_(100)                                      # resize in place: re-read
+        assert mt.live == 44 * 4 + 400
+
+
+def test_sees_what_a_closure_keeps_alive():
+    """The blind spot of saved-tensor-hook counts: a tensor kept only by a Python closure."""
+    with MemoryTracker() as mt:
+        big = torch.ones(4096)
+        keep = (lambda t: (lambda: t))(big)
+        del big
+        assert mt.live == 4096 * 4
+        del keep
+        assert mt.live == 0
+
+
+def test_step_memory_of_a_linear_model_is_exact():
+    """One SGD-momentum step of a bias-free linear layer: every byte can be written down."""
+    torch.manual_seed(0)
+    n, d, k = 8, 64, 16
+    model = nn.Linear(d, k, bias=False)
+    x, y = torch.randn(n, d), torch.randint(0, k, (n,))
+    m = measure_step(model, x, y)
+    w = d * k * 4
+    assert m.static == 2 * w                                # weight + momentum buffer
+    # after the forward: logits (n*k) and log-softmax output, loss scalar
+    assert n * k * 4 <= m.after_forward <= 3 * n * k * 4 + 64
+    # peak: static + input + the gradient of the weight + a few (n, k) temporaries
+    base = 2 * w + x.numel() * 4 + y.numel() * 8
+    assert base + w <= m.peak <= base + w + 6 * n * k * 4 + 256
+
+
+@pytest.mark.parametrize("name", ["resnet20", "densenet_bc_100_12"])
+def test_fused_models_keep_less_than_eager(name):
+    """What a fused model keeps after forward, counted independently of its own hooks."""
+    if fastcnn.backend.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
+        pytest.skip("the cpu backend (extension) is not built")
+    from fastcnn.memory import compare_models
+
+    (_, eager, fused), = compare_models([name], batch=2, backend="cpu")
+    assert fused.after_forward < eager.after_forward
+    assert fused.peak <= eager.peak
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("name", ["resnet20", "simplenet", "densenet_bc_100_12"])
+def test_tracker_agrees_with_cuda_allocator(name, fused):
+    """On a GPU the tracker's peak is within 10% of torch.cuda.max_memory_allocated."""
+    torch.manual_seed(0)
+    model = fastcnn.create_model(name, fused=fused).cuda().to(memory_format=torch.channels_last)
+    info = fastcnn.model_info(name)
+    x = torch.randn(32, *info.input_size, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, info.num_classes, (32,), device="cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    measure_step(model, x, y, opt)                          # warm-up: autotuning, cuDNN plans
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    measure_step(model, x, y, opt, amp_dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    cuda_peak = torch.cuda.max_memory_allocated()
+    m = measure_step(model, x, y, opt, amp_dtype=torch.bfloat16)
+    assert abs(m.peak - cuda_peak) <= 0.10 * cuda_peak, (m.peak, cuda_peak)
