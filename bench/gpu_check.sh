@@ -17,7 +17,7 @@
 # Logs, JSON, report and stage times land in OUTDIR; a summary is printed at the end.
 #
 # --smoke runs the same pipeline on a machine without a GPU (no build; a tiny CPU selection)
-# to check the plumbing before a GPU session; it is what tests/test_gpu_check.py runs.
+# to check the plumbing before a GPU session; CI (.ci/run) runs it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,0 +1,129 @@
+"""The benchmark tooling: which suite a bare ``pytest`` collects, the report tool
+(``python -m bench.report``) on synthetic results, and the GPU script's refusals."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench import report  # noqa: E402
+
+
+def _collect(*args):
+    p = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return [line for line in p.stdout.splitlines() if "::" in line]
+
+
+def test_bare_pytest_collects_tests_and_benchmark_only_collects_bench():
+    pytest.importorskip("pytest_benchmark")
+    plain = _collect()
+    bench = _collect("--benchmark-only")
+    assert plain and all(line.startswith("tests/") for line in plain)
+    assert bench and all(line.startswith("bench/") for line in bench)
+    assert any("bench_models.py::test_model" in line for line in bench)
+    assert any("bench_host_overhead.py::test_host_overhead" in line for line in bench)
+
+
+def _bench_entry(extra, median):
+    return {"name": "x", "stats": {"median": median}, "extra_info": extra}
+
+
+def _env(**kw):
+    env = dict(device="Test CPU (2 cores)", device_type="cpu", compute_capability=None, torch="2.14.1",
+               triton="3.8.0", fastcnn="0.1.0", python="3.11", threads=2, dtype="fp32", date="2026-12-01",
+               command="pytest --benchmark-only")
+    env.update(kw)
+    return env
+
+
+def _write_runs(tmp_path):
+    entries = []
+    for model, eager_ips in (("resnet20", 100.0), ("simplenet", 10.0)):
+        for variant, factor in (("eager", 1.0), ("compile", 1.25), ("fused-cpu", 2.0)):
+            for workload in ("train", "infer"):
+                entries.append(_bench_entry(_env(model=model, workload=workload, variant=variant, batch=8,
+                                                 images_per_s=eager_ips * factor,
+                                                 peak_mem_bytes=int(2**20 * 10 / factor), compile_s=0.0), 0.1))
+    for variant, us in (("eager", 50.0), ("fused-cpu", 75.0)):
+        entries.append(_bench_entry(_env(layer="BnAct", mode="train", variant=variant, shape="2x8x4x4",
+                                         per_call_us=us, threads=1), us * 20e-6))
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"benchmarks": entries}))
+    results = tmp_path / "RESULTS.md"
+    readme = tmp_path / "README.md"
+    sections = "".join(f"<!-- BEGIN report:{n} -->\nold {n}\n<!-- END report:{n} -->\n\n"
+                       for n in ("models", "host", "training", "plots"))
+    results.write_text("# kept text\n\n" + sections + "tail kept\n")
+    readme.write_text("intro\n<!-- BEGIN report:summary -->\nold\n<!-- END report:summary -->\noutro\n")
+    return path, results, readme
+
+
+def test_report_regenerates_sections(tmp_path):
+    run, results, readme = _write_runs(tmp_path)
+    rc = report.main([str(run), "--results", str(results), "--readme", str(readme), "--plots", str(tmp_path / "plots")])
+    assert rc == 0
+    text = results.read_text()
+    assert text.startswith("# kept text") and text.rstrip().endswith("tail kept")
+    assert "old models" not in text and "old host" not in text
+    # fused 2.0x eager and 1.6x compile on both models: the geometric means say so
+    row = next(l for l in text.splitlines() if l.startswith("| **geometric mean**"))
+    assert "2.00x" in row and "1.60x" in row and "1.25x" in row
+    assert "| BnAct | train | 50 | 75 | 1.50 |" in text
+    summary = readme.read_text()
+    assert summary.startswith("intro") and summary.rstrip().endswith("outro")
+    assert "GPU: no figures yet" in summary and "fused-cpu 2.00x" in summary
+    assert "1.50-1.50x eager" in summary
+    pytest.importorskip("matplotlib")
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "host_overhead_cpu-test-cpu-2-cores.png", "models_cpu-test-cpu-2-cores-fp32.png"]
+
+
+def test_report_refuses_without_markers_and_writes_nothing(tmp_path):
+    run, results, readme = _write_runs(tmp_path)
+    readme.write_text("no markers here\n")
+    before = results.read_text()
+    rc = report.main([str(run), "--results", str(results), "--readme", str(readme), "--plots", str(tmp_path / "p")])
+    assert rc == 2
+    assert results.read_text() == before
+
+
+@pytest.mark.parametrize("content, needle", [("not json", "not a readable"), ("{}", "no 'benchmarks' list")])
+def test_report_names_bad_input(tmp_path, capsys, content, needle):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    assert report.main([str(bad)]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_training_quality_table(tmp_path):
+    for fused, accs in ((False, [50.0, 70.0]), (True, [51.0, 69.5])):
+        d = tmp_path / f"run-{fused}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"model": "resnet20", "fused": fused, "backend": "auto",
+                                                   "device": "cpu", "torch": "2.14.1",
+                                                   "recipe": {"schedule": "onecycle"}, "args": {"seed": 0}}))
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "train_loss": 1.0 / (i + 1),
+                                                             "test_acc": a, "epoch_time_s": 10.0}) + "\n"
+                                                 for i, a in enumerate(accs)))
+    text = report.training_table(report.load_training(sorted(tmp_path.iterdir())))
+    assert "-0.50 points (within the 1-point target)" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_check_refuses_without_gpu(tmp_path):
+    p = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and "no CUDA GPU visible" in p.stderr
+
+
+def test_gpu_check_usage(tmp_path):
+    p = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path), "--fast"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "usage:" in p.stderr
