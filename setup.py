@@ -3,8 +3,12 @@
 Environment variables (the FlashAttention convention: the build says what it does and why):
   FASTCNN_CUDA=1|0      force / skip the CUDA sources (default: build them when the installed
                         torch is a CUDA build and nvcc is found)
-  FASTCNN_CUDA_ARCH     CUDA architectures, default "9.0+PTX" (H100/H200, PTX for newer);
-                        same syntax as TORCH_CUDA_ARCH_LIST, which is honoured if set
+  FASTCNN_CUDA_ARCH     CUDA architectures (same syntax as TORCH_CUDA_ARCH_LIST, which is
+                        honoured if set), e.g. "8.6" for one GPU or "7.5;8.6+PTX". Default:
+                        the visible GPUs' own when the build machine has GPUs; otherwise
+                        DEFAULT_CUDA_ARCHS (Turing, Ampere, Ada, Hopper + PTX) joined with
+                        the architectures the installed torch was built for, limited to what
+                        nvcc can compile (see cuda_arch_list)
   FASTCNN_NO_EXT=1      skip the extension entirely (pure-Python install)
   MAX_JOBS              parallel compile jobs (torch's own variable)
   FASTCNN_CPU_AVX2=0    skip the AVX2 build of the CPU kernels (default: built on x86-64)
@@ -99,6 +103,105 @@ def want_cuda(torch) -> bool:
     return True
 
 
+#: the GPUs the project targets when the build machine shows none: Turing (sm_75: T400, GTX
+#: 1650, MX450/550), Ampere (sm_80: A100; sm_86: RTX 30xx, MX570, A500), Ada (sm_89), Hopper
+#: (sm_90), and compute_90 PTX so that newer GPUs can JIT-compile it.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
+
+
+def _arch_key(a: str) -> tuple[int, int]:
+    major, minor = a.split(".")
+    return int(major), int(minor.rstrip("afAF") or 0)
+
+
+def nvcc_archs() -> set[str] | None:
+    """The real architectures the nvcc in use compiles for ("7.5", ...), or None if unknown."""
+    import re
+    import subprocess
+
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError, TypeError):
+        return None
+    found = {f"{m[:-1]}.{m[-1]}" for m in re.findall(r"sm_(\d+)\b", out)}
+    return found or None
+
+
+def cuda_arch_list(torch) -> str:
+    """The TORCH_CUDA_ARCH_LIST to build with, and say why. Order of precedence:
+
+    1. FASTCNN_CUDA_ARCH, then TORCH_CUDA_ARCH_LIST, as given (CI builds a single arch to save
+       time; a user with one GPU can do the same);
+    2. the visible GPUs' own compute capabilities (the build machine is the run machine);
+    3. DEFAULT_CUDA_ARCHS joined with what the installed torch was built for (whichever list
+       is wider wins each arch), dropping what nvcc cannot compile, PTX for the newest.
+
+    A library built without a GPU's architecture cannot run there: fastcnn.backend then
+    reports the ``cuda`` backend unavailable for that GPU (naming FASTCNN_CUDA_ARCH) instead
+    of failing at the first launch.
+    """
+    for var in ("FASTCNN_CUDA_ARCH", "TORCH_CUDA_ARCH_LIST"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            say(f"CUDA architectures from {var}: {value}")
+            return value
+    try:
+        n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - a broken driver is "no GPU" for the build
+        n_gpu = 0
+    if n_gpu:
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(n_gpu)})
+        arch = ";".join(f"{a}.{b}" for a, b in caps)
+        names = sorted({torch.cuda.get_device_name(i) for i in range(n_gpu)})
+        say(f"CUDA architectures of the visible GPUs ({', '.join(names)}): {arch} "
+            "(set FASTCNN_CUDA_ARCH to build for other GPUs too)")
+        return arch
+    archs = {a.replace("+PTX", "") for a in DEFAULT_CUDA_ARCHS.split(";")}
+    torch_flags = getattr(torch._C, "_cuda_getArchFlags", lambda: "")() or ""
+    torch_archs = {f"{f[3:-1]}.{f[-1]}" for f in torch_flags.split() if f.startswith("sm_") and f[3:].isdigit()}
+    archs |= torch_archs
+    supported = nvcc_archs()
+    if supported is not None:
+        dropped = sorted(archs - supported, key=_arch_key)
+        if dropped:
+            say(f"nvcc cannot compile for {', '.join(dropped)}: left out")
+        archs &= supported
+    if not archs:
+        fail("nvcc supports none of the CUDA architectures fastcnn targets; set FASTCNN_CUDA_ARCH.")
+    ordered = sorted(archs, key=_arch_key)
+    arch = ";".join(ordered[:-1] + [ordered[-1] + "+PTX"])
+    say(f"no GPU visible: building for {arch} (the project's targets {DEFAULT_CUDA_ARCHS}"
+        f"{' and torch' + chr(39) + 's own ' + ';'.join(sorted(torch_archs, key=_arch_key)) if torch_archs else ''}"
+        "); set FASTCNN_CUDA_ARCH=<one arch, e.g. 8.6> for a faster build")
+    return arch
+
+
+def built_arch_macros() -> list[tuple[str, str]]:
+    """``-D`` defines recording the real (cubin) and virtual (PTX) architectures nvcc is given,
+    read from torch's own translation of TORCH_CUDA_ARCH_LIST into ``-gencode`` flags, so the
+    extension can report exactly what it holds (``fastcnn._C.cuda_archs()``). Values are
+    comma-separated integers (e.g. SASS 75,80,86 and PTX 90), which survive every shell;
+    an arch-specific target (sm_90a) is recorded negated (-90): it runs on 9.0 only."""
+    import re
+
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    sass, ptx = [], []
+    for flag in _get_cuda_arch_flags():
+        m = re.search(r"code=(sm|compute)_(\d+)([af]?)", flag)
+        if not m:
+            continue
+        num = int(m.group(2)) * (-1 if m.group(3) == "a" else 1)
+        (sass if m.group(1) == "sm" else ptx).append(num)
+    if not sass and not ptx:
+        fail("could not read the CUDA architectures from torch's -gencode flags; set FASTCNN_CUDA_ARCH.")
+    return [("FASTCNN_CUDA_SASS", ",".join(map(str, sass)) or "0"),
+            ("FASTCNN_CUDA_PTX", ",".join(map(str, ptx)) or "0")]
+
+
 def pip_cuda_include_dirs() -> list[str]:
     """Headers that torch's CUDA headers include (cuSPARSE, cuBLAS, ...) ship in pip's
     ``nvidia`` packages; add them so no one has to set paths by hand."""
@@ -182,11 +285,10 @@ def extensions():
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda(torch):
-        arch = os.environ.get("FASTCNN_CUDA_ARCH") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "9.0+PTX"
-        os.environ["TORCH_CUDA_ARCH_LIST"] = arch
-        say(f"CUDA architectures: {arch}")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(torch)
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("WITH_CUDA", None))
+        define_macros += built_arch_macros()
         include_dirs += pip_cuda_include_dirs()
         extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo",
                          "--expt-relaxed-constexpr"]

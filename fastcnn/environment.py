@@ -30,11 +30,13 @@ def collect() -> dict:
     try:
         ext = importlib.import_module("fastcnn._C")
         out["extension"] = {"built": True, "cpu_kernels": bool(ext.has_cpu()),
-                            "cuda_kernels": bool(ext.has_cuda())}
+                            "cuda_kernels": bool(ext.has_cuda()),
+                            "cuda_archs": list(ext.cuda_archs()) if hasattr(ext, "cuda_archs") else None}
     except ImportError as e:
         out["extension"] = {"built": False, "error": str(e)}
     if torch.cuda.is_available():
-        out["gpu"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        out["gpu"] = [f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+                      for i in range(torch.cuda.device_count())]
     else:
         out["gpu"] = []
     out["backend"] = backend.get_backend()
@@ -56,6 +58,10 @@ def info(print_out: bool = True) -> dict:
             elif key == "extension":
                 if value["built"]:
                     print(f"{key:<{width + 20}} built (CPU kernels: {value['cpu_kernels']}, CUDA kernels: {value['cuda_kernels']})")
+                    if value["cuda_kernels"]:
+                        archs = value["cuda_archs"]
+                        shown = ", ".join(archs) if archs else "not recorded (rebuild to record them)"
+                        print(f"{'extension CUDA archs':<{width + 20}} {shown}")
                 else:
                     print(f"{key:<{width + 20}} not built: {value['error']}")
             else:

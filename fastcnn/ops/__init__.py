@@ -99,7 +99,7 @@ def _conv_out_shape(x, weight, stride, padding, dilation, groups):
 
 
 def _dispatch(op, x, *args, **kwargs):
-    return _backend.implementation(op, x.device.type)(x, *args, **kwargs)
+    return _backend.implementation(op, x.device)(x, *args, **kwargs)
 
 
 def conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *,
