@@ -30,8 +30,28 @@ Design
 Nothing here saves tensors for backward; the ops' autograd Functions decide that. No
 cuDNN call is used: every convolution of the fused ops is one of these kernels.
 
-Tile configs are autotuned on GPU (keyed on the GEMM shape); under ``TRITON_INTERPRET=1``
-one fixed config is used (the interpreter's timings mean nothing).
+Tile configs (GPU)
+-----------------
+* Autotuned (``triton.autotune``), keyed on the GEMM shape with the pixel count ``M`` (=
+  N*OH*OW) rounded up to a power of two (``M_BUCKET``, an argument the kernels ignore): a new
+  batch size (the last partial batch, evaluation, a 2-image preflight) reuses the tuned tile
+  of its bucket instead of timing every config again.
+* Pruned before anything is timed or launched (:func:`_prune`): tiles far larger than the
+  GEMM; tiles whose pipelined operand buffers (``num_stages x (BLOCK_M*BLOCK_K +
+  BLOCK_K*BLOCK_N)`` elements, :func:`smem_estimate`) exceed the device's shared memory per
+  block (sm_75: 64 KiB, sm_86/89: 99 KiB), so no launch fails for lack of shared memory; and
+  below sm_80, where ``tl.dot`` runs on FMA units with whole operand rows in registers, the
+  tiles that spill registers there (:func:`fits_fma`).
+* Timed with :func:`~.utils.bench_l2_flush` (L2-sized flush buffer, not Triton's 256 MB) and
+  cached on disk (``cache_results=True``: Triton's cache directory, keyed by the Triton
+  version, the GPU architecture, the kernel source and the tuning key), so later processes
+  and the other DDP ranks on the machine skip the timing.
+* Under ``torch.use_deterministic_algorithms(True)`` (``--deterministic``): no timing, one
+  fixed config per kernel (``*_FIXED``, or the smallest kept one where that is pruned), so
+  runs repeat exactly (the BN statistics' summation order follows ``BLOCK_M``).
+
+Under ``TRITON_INTERPRET=1`` one config sized to the problem is used (the interpreter's
+timings mean nothing).
 """
 from __future__ import annotations
 
@@ -42,7 +62,8 @@ import triton
 import triton.language as tl
 
 from .activations import act_code, apply_act
-from .utils import dot_precision, interpreting, num_sms, pow2, upcast_dot
+from .utils import (bench_l2_flush, deterministic, device_limits, dot_precision, interpreting, num_sms, pow2,
+                    upcast_dot)
 
 
 @dataclass(frozen=True)
@@ -90,7 +111,9 @@ def _cfg(bm, bn, bk, warps, stages):
 
 _GPU_CONFIGS = [
     _cfg(128, 128, 32, 8, 3),
-    _cfg(128, 64, 32, 4, 4),
+    # 8 warps: with 4, Triton 3.6 spills 8 B of stack on sm_86 (bf16; forward with statistics,
+    # input gradient) at ~255 registers per thread (AOT compile check)
+    _cfg(128, 64, 32, 8, 4),
     _cfg(64, 128, 32, 4, 4),
     _cfg(64, 64, 32, 4, 4),
     _cfg(128, 32, 32, 4, 4),
@@ -100,18 +123,73 @@ _GPU_CONFIGS = [
     _cfg(64, 16, 16, 2, 4),
 ]
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _GPU_CONFIGS)
+#: the config launched under deterministic mode when the pruning keeps it (a mid-size tile
+#: that fits every target's shared memory in every dtype)
+_FWD_FIXED = _GPU_CONFIGS[3]
 
 
-def _prune(n_name, k_name):
-    """Drop configs whose N or K tile is more than twice the (padded) GEMM dimension."""
+def m_bucket(m: int) -> int:
+    """The autotuning key's stand-in for the pixel count: ``m`` rounded up to a power of two."""
+    return triton.next_power_of_2(max(1, int(m)))
+
+
+def smem_estimate(cfg, elem_size: int) -> int:
+    """Shared memory (bytes) a config's pipelined ``tl.dot`` operand buffers take:
+    ``num_stages`` copies of the A (BLOCK_M x BLOCK_K) and B (BLOCK_K x BLOCK_N) tiles. The
+    AOT compile check (tests/test_triton_compile.py) compares it with what the compiler
+    allocates for every config on sm_75/sm_86/sm_80/sm_90."""
+    kw = cfg.kwargs
+    return max(1, cfg.num_stages) * (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * elem_size
+
+
+def fits_fma(cfg) -> bool:
+    """Whether a tile compiles without register spills where ``tl.dot`` has no tensor-core
+    path (below sm_80: FMA, each thread holding whole BLOCK_K rows of its operands). Measured
+    with the AOT compile check for sm_75 (Triton 3.6 and 3.8): 64x32x32/4 warps, 64x16x16 and
+    16x16x64 are clean; 64x64x32, 128x32x32 and 32x32x64 (BLOCK_K 64 at 32x32) spill with
+    16-bit operands. Rule: at most 64 Ki multiply-adds per K step, and BLOCK_K <= 32 unless
+    the output tile is at most 16x16."""
+    kw = cfg.kwargs
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    return bm * bn * bk <= 65536 and (bk <= 32 or bm * bn <= 256)
+
+
+def _prune(n_name, k_name, ptr_name):
+    """The configs the autotuner may time and launch for these arguments: those whose N and K
+    tiles are at most twice the (padded) GEMM dimensions, that fit the device's shared memory
+    per block (operands of ``ptr_name``'s dtype) and, below sm_80, :func:`fits_fma`. If the
+    shape rule leaves nothing that fits the device, the device rules win."""
 
     def prune(configs, nargs, **kwargs):
         args = {**nargs, **kwargs}
+        t = args[ptr_name]
+        smem, cap = device_limits(t.device)
+        esize = t.element_size()
+
+        def fits(c):
+            return smem_estimate(c, esize) <= smem and (cap >= (8, 0) or fits_fma(c))
+
         n_max, k_max = pow2(args[n_name], 16, 128), pow2(args[k_name], 16, 64)
-        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= n_max and c.kwargs["BLOCK_K"] <= k_max]
-        return kept or configs[-1:]
+        by_shape = [c for c in configs if c.kwargs["BLOCK_N"] <= n_max and c.kwargs["BLOCK_K"] <= k_max]
+        kept = [c for c in by_shape or configs[-1:] if fits(c)]
+        if not kept:  # the device rules win: the smallest config that fits
+            kept = sorted((c for c in configs if fits(c)), key=lambda c: smem_estimate(c, esize))[:1]
+        return kept or [min(configs, key=lambda c: smem_estimate(c, esize))]
 
     return prune
+
+
+def _launch(tuned, kernel, grid, args, meta, fixed):
+    """Launch ``kernel``: through its autotuner, or -- under deterministic mode -- with the
+    ``fixed`` config (the smallest kept one if pruning drops it), timing nothing. Returns the
+    config that ran."""
+    if not deterministic():
+        tuned[grid](*args, **meta)
+        return tuned.best_config
+    kept = tuned.early_config_prune(tuned.configs, dict(zip(kernel.arg_names, args)), **meta)
+    cfg = fixed if any(c is fixed for c in kept) else kept[-1]
+    kernel[grid](*args, **meta, **cfg.all_kwargs())
+    return cfg
 
 
 def _interp_blocks(m, n, k):
@@ -175,6 +253,7 @@ def _conv_fwd_kernel(
     M, H, W, C, OH, OW, COUT, CIN_G, COUT_G,
     SH, SW, PH, PW, DH, DW,
     eps, act_param,
+    M_BUCKET,  # unused: the autotuning key (m_bucket(M))
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, BN_EVAL: tl.constexpr, HAS_RES: tl.constexpr,
     STORE_Z: tl.constexpr, STORE_Y: tl.constexpr, STATS: tl.constexpr, ACT: tl.constexpr,
@@ -231,8 +310,9 @@ def _conv_fwd_kernel(
 
 _conv_fwd_tuned = triton.autotune(
     configs=_GPU_CONFIGS,
-    key=["M", "COUT_G", "CIN_G", "H", "W", "SH", "KH", "KW", "STATS", "STORE_Y", "BN_EVAL"],
-    prune_configs_by={"early_config_prune": _prune("COUT_G", "CIN_G")},
+    key=["M_BUCKET", "COUT_G", "CIN_G", "H", "W", "SH", "KH", "KW", "STATS", "STORE_Y", "BN_EVAL"],
+    prune_configs_by={"early_config_prune": _prune("COUT_G", "CIN_G", "x_ptr")},
+    do_bench=bench_l2_flush, cache_results=True,
 )(_conv_fwd_kernel)
 
 
@@ -268,7 +348,7 @@ def conv_fwd(x, weight, bias, geom: ConvGeom, *, residual=None, act="identity", 
         rm, rv, gam, bet, pmean if stats else dummy, pm2 if stats else dummy,
         gm.m, gm.h, gm.w, gm.c, gm.oh, gm.ow, gm.cout, gm.cin_g, gm.cout_g,
         gm.stride[0], gm.stride[1], gm.padding[0], gm.padding[1], gm.dilation[0], gm.dilation[1],
-        float(eps), float(act_param),
+        float(eps), float(act_param), m_bucket(gm.m),
     )
     meta = dict(
         KH=gm.kh, KW=gm.kw, HAS_BIAS=bias is not None, BN_EVAL=bn_eval is not None,
@@ -283,8 +363,7 @@ def conv_fwd(x, weight, bias, geom: ConvGeom, *, residual=None, act="identity", 
         _conv_fwd_kernel[grid](*args, **meta, **blocks)
         block_m = blocks["BLOCK_M"]
     else:
-        _conv_fwd_tuned[grid](*args, **meta)
-        block_m = _conv_fwd_tuned.best_config.kwargs["BLOCK_M"]
+        block_m = _launch(_conv_fwd_tuned, _conv_fwd_kernel, grid, args, meta, _FWD_FIXED).kwargs["BLOCK_M"]
     if stats:  # only the first cdiv(M, block_m) rows were written by the chosen config
         used = triton.cdiv(gm.m, block_m)
         pmean, pm2 = pmean[:used], pm2[:used]
@@ -298,6 +377,7 @@ def _conv_dgrad_kernel(
     dz_ptr, w_ptr, dx_ptr,
     MX, H, W, C, OH, OW, COUT, CIN_G, COUT_G,
     SH, SW, PH, PW, DH, DW,
+    M_BUCKET,  # unused: the autotuning key (m_bucket(MX))
     KH: tl.constexpr, KW: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -333,11 +413,13 @@ def _conv_dgrad_kernel(
 # the input gradient spills registers (AOT compile check, tests/test_triton_compile.py: 96 B per
 # thread on sm_80 for a 32-group stride-2 3x3 conv in fp32; 4 warps: ~120 registers, no spill).
 _DGRAD_CONFIGS = _GPU_CONFIGS[:-1] + [_cfg(64, 16, 16, 4, 4)]
+_DGRAD_FIXED = _DGRAD_CONFIGS[3]
 
 _conv_dgrad_tuned = triton.autotune(
     configs=_DGRAD_CONFIGS,
-    key=["MX", "COUT_G", "CIN_G", "H", "W", "SH", "KH", "KW"],
-    prune_configs_by={"early_config_prune": _prune("CIN_G", "COUT_G")},
+    key=["M_BUCKET", "COUT_G", "CIN_G", "H", "W", "SH", "KH", "KW"],
+    prune_configs_by={"early_config_prune": _prune("CIN_G", "COUT_G", "dz_ptr")},
+    do_bench=bench_l2_flush, cache_results=True,
 )(_conv_dgrad_kernel)
 
 
@@ -348,7 +430,8 @@ def conv_dgrad(dz, weight, geom: ConvGeom) -> torch.Tensor:
     dx = torch.empty((gm.n, gm.h, gm.w, gm.c), device=dz.device, dtype=dz.dtype)
     mx = gm.n * gm.h * gm.w
     args = (dz, wd, dx, mx, gm.h, gm.w, gm.c, gm.oh, gm.ow, gm.cout, gm.cin_g, gm.cout_g,
-            gm.stride[0], gm.stride[1], gm.padding[0], gm.padding[1], gm.dilation[0], gm.dilation[1])
+            gm.stride[0], gm.stride[1], gm.padding[0], gm.padding[1], gm.dilation[0], gm.dilation[1],
+            m_bucket(mx))
     meta = dict(KH=gm.kh, KW=gm.kw, DOT_PREC=dot_precision(dz.dtype), UPCAST=upcast_dot(dz.dtype))
 
     def grid(meta_):
@@ -357,7 +440,7 @@ def conv_dgrad(dz, weight, geom: ConvGeom) -> torch.Tensor:
     if interpreting():
         _conv_dgrad_kernel[grid](*args, **meta, **_interp_blocks(mx, gm.cin_g, gm.cout_g))
     else:
-        _conv_dgrad_tuned[grid](*args, **meta)
+        _launch(_conv_dgrad_tuned, _conv_dgrad_kernel, grid, args, meta, _DGRAD_FIXED)
     return dx
 
 
@@ -368,6 +451,7 @@ def _conv_wgrad_kernel(
     dz_ptr, x_ptr, part_ptr,
     M, H, W, C, OH, OW, COUT, CIN_G, COUT_G,
     SH, SW, PH, PW, DH, DW, K_PER_SPLIT,
+    M_BUCKET,  # unused: the autotuning key (m_bucket(M))
     KH: tl.constexpr, KW: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -418,11 +502,14 @@ _WGRAD_CONFIGS = [
     # in fp32 (AOT compile check, tests/test_triton_compile.py); 4 warps compile spill-free.
     _cfg(16, 16, 64, 4, 3),
 ]
+_WGRAD_FIXED = _WGRAD_CONFIGS[1]
 
+# keyed on the bucket, not on K_PER_SPLIT: the split follows M, and would defeat the bucketing
 _conv_wgrad_tuned = triton.autotune(
     configs=_WGRAD_CONFIGS,
-    key=["M", "COUT_G", "CIN_G", "H", "W", "SH", "KH", "KW", "K_PER_SPLIT"],
-    prune_configs_by={"early_config_prune": _prune("CIN_G", "M")},
+    key=["M_BUCKET", "COUT_G", "CIN_G", "H", "W", "SH", "KH", "KW"],
+    prune_configs_by={"early_config_prune": _prune("CIN_G", "M", "x_ptr")},
+    do_bench=bench_l2_flush, cache_results=True,
 )(_conv_wgrad_kernel)
 
 
@@ -438,7 +525,7 @@ def conv_wgrad(x, dz, geom: ConvGeom, dtype: torch.dtype) -> torch.Tensor:
     part = torch.empty((split, gm.cout, gm.cin_g, gm.kh, gm.kw), device=x.device, dtype=torch.float32)
     args = (dz, x, part, gm.m, gm.h, gm.w, gm.c, gm.oh, gm.ow, gm.cout, gm.cin_g, gm.cout_g,
             gm.stride[0], gm.stride[1], gm.padding[0], gm.padding[1], gm.dilation[0], gm.dilation[1],
-            k_per_split)
+            k_per_split, m_bucket(gm.m))
     meta = dict(KH=gm.kh, KW=gm.kw, DOT_PREC=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype))
 
     def grid(meta_):
@@ -449,6 +536,6 @@ def conv_wgrad(x, dz, geom: ConvGeom, dtype: torch.dtype) -> torch.Tensor:
         blocks = {"BLOCK_M": pow2(gm.cout_g, 16, 64), "BLOCK_N": pow2(gm.cin_g, 16, 64), "BLOCK_K": pow2(gm.m, 16, 128)}
         _conv_wgrad_kernel[grid](*args, **meta, **blocks)
     else:
-        _conv_wgrad_tuned[grid](*args, **meta)
+        _launch(_conv_wgrad_tuned, _conv_wgrad_kernel, grid, args, meta, _WGRAD_FIXED)
     dw = part[0] if split == 1 else part.sum(0)
     return dw.to(dtype)

@@ -100,6 +100,67 @@ def upcast_dot(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
+_LIMITS: dict[int, tuple[int, tuple[int, int]]] = {}
+
+
+def device_limits(device: torch.device) -> tuple[int, tuple[int, int]]:
+    """``(shared memory per block in bytes, compute capability)`` of ``device``, for the
+    autotuners' pruning: the opt-in per-block limit (sm_75: 64 KiB, sm_86/89: 99 KiB, sm_80:
+    163 KiB, sm_90: 227 KiB). Non-CUDA devices (the interpreter) have no such limits."""
+    if device.type != "cuda":
+        return 1 << 30, (99, 0)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    lim = _LIMITS.get(index)
+    if lim is None:
+        props = torch.cuda.get_device_properties(index)
+        smem = int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+        lim = _LIMITS[index] = (smem, (props.major, props.minor))
+    return lim
+
+
+def deterministic() -> bool:
+    """``torch.use_deterministic_algorithms(True)`` (``--deterministic``) is on: the ops then
+    launch one fixed tile config instead of the fastest measured one, whose choice depends on
+    timing noise (and the tile height changes the BN statistics' summation order)."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def bench_l2_flush(kernel_call, quantiles=None, warmup_ms: float = 25, rep_ms: float = 100):
+    """Time ``kernel_call`` for the autotuner as ``triton.testing.do_bench`` does (median and
+    ``quantiles`` of CUDA-event timings, L2 flushed before each run), but with a flush buffer
+    of twice the GPU's L2 size instead of Triton's fixed 256 MB: on a 2-4 GB card that runs
+    under a memory budget, 256 MB for a benchmark can itself run out of memory."""
+    dev = torch.cuda.current_device()
+    l2 = torch.cuda.get_device_properties(dev).L2_cache_size or (8 << 20)
+    flush = torch.empty(2 * l2 // 4, dtype=torch.int32, device="cuda")
+    kernel_call()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        flush.zero_()
+        kernel_call()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    n_warmup, n_rep = max(1, int(warmup_ms / estimate)), max(1, int(rep_ms / estimate))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    for _ in range(n_warmup):
+        kernel_call()
+    for i in range(n_rep):
+        flush.zero_()
+        starts[i].record()
+        kernel_call()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = torch.tensor([a.elapsed_time(b) for a, b in zip(starts, ends)], dtype=torch.float)
+    if quantiles is not None:
+        out = torch.quantile(times, torch.tensor(quantiles, dtype=torch.float)).tolist()
+        return out[0] if len(out) == 1 else out
+    return float(times.mean())
+
+
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

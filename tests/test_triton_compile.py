@@ -1,5 +1,6 @@
 """Ahead-of-time compile check of every Triton kernel in ``kernels/`` for the GPUs the project
-targets (sm_90: H100/H200; sm_80: A100 in the slow sweep), without a GPU.
+targets (sm_90: H100/H200; sm_75: Turing and sm_86: Ampere laptop cards for the tiled GEMMs;
+sm_80: A100 in the slow sweep), without a GPU.
 
 Why: on this project's CPU-only machines the kernels only ever run in the Triton interpreter
 (``TRITON_INTERPRET=1``), which does not apply the real compiler's rules (``tl.dot`` operand
@@ -9,7 +10,10 @@ exactly as the Python wrappers would launch it on a GPU and checks that
 
 * compilation succeeds (Triton -> PTX -> cubin through ``ptxas``);
 * the dynamic shared memory of one program fits the target (H100: 227 KiB = 232448 bytes,
-  A100: 163 KiB = 166912 bytes);
+  A100: 163 KiB = 166912 bytes, sm_86: 99 KiB = 101376 bytes, sm_75: 64 KiB = 65536 bytes);
+  for the autotuned GEMMs the configs are first pruned as the ops prune them on such a GPU
+  (``early_config_prune`` with that GPU's limit), so every config that can launch there must
+  compile within the limit;
 * the registers fit the block (``regs * 32 * num_warps <= 65536``) and nothing spills to
   local memory (``LOCAL`` / ``STACK`` of ``cuobjdump -res-usage``; spills fail the test
   unless the kernel and config are listed in :data:`KNOWN_SPILLS` with a reason).
@@ -34,7 +38,8 @@ kernels that call none of them.
 Cost: the default (fast) sweep is ~220 compiles, measured at about 2.5 CPU-minutes from a
 cold Triton cache on this project's 2-core CPU machine (two compile processes; set
 ``FASTCNN_AOT_JOBS``), and ~10 s when Triton's cache (``~/.triton/cache``) already holds
-them. The full sweep (``-m slow``) is ~2100 compiles (sm_90 and sm_80).
+them. The small-GPU check (sm_75 and sm_86: the GEMM scenarios at 128 channels, every kept
+config) adds ~100 compiles. The full sweep (``-m slow``) is ~2100 compiles (sm_90 and sm_80).
 
 Figures reported (shared memory, registers, spills) are compile-time properties of the
 cubin, NOT timings: nothing here runs on a GPU. Run this file as a script to print them:
@@ -55,8 +60,8 @@ if __name__ == "__main__":  # the compiling child: real JIT functions, not inter
 triton = pytest.importorskip("triton")
 
 #: dynamic shared memory available to one block, bytes (CUDA occupancy tables)
-SMEM_LIMIT = {80: 166912, 90: 232448}
-#: registers per SM (= per block at most) on sm_80 / sm_90
+SMEM_LIMIT = {75: 65536, 80: 166912, 86: 101376, 90: 232448}
+#: registers per SM (= per block at most) on sm_75 / sm_80 / sm_86 / sm_90
 REGS_PER_SM = 65536
 #: (kernel name, config label) -> why a spill is accepted. Empty: no kernel spills today.
 KNOWN_SPILLS: dict[tuple[str, str], str] = {}
@@ -104,9 +109,34 @@ class _Recorder:
         return launch
 
 
+def _limits(arch):
+    """What ``device_limits`` answers on a GPU of compute capability ``arch`` (e.g. 86)."""
+    return SMEM_LIMIT[arch], (arch // 10, arch % 10)
+
+
+class _target:
+    """Context: the kernels' ``device_limits`` answers for ``arch`` (shared memory, compute
+    capability), so the autotuners' pruning keeps what it would keep on that GPU."""
+
+    def __init__(self, mods, arch):
+        self.mods, self.arch, self.saved = mods, arch, []
+
+    def __enter__(self):
+        for mod in self.mods.values():
+            if "device_limits" in vars(mod):
+                self.saved.append((mod, mod.device_limits))
+                mod.device_limits = lambda device, lim=_limits(self.arch): lim
+        return self
+
+    def __exit__(self, *exc):
+        for mod, fn in self.saved:
+            mod.device_limits = fn
+
+
 class _capture:
     """Context: every kernel object of ``kernels/`` replaced by a :class:`_Recorder`, the
-    interpreter switch off, 132 SMs; restores everything on exit."""
+    interpreter switch and deterministic mode off, 132 SMs, H100 shared memory; restores
+    everything on exit."""
 
     def __init__(self, mods, log):
         self.mods, self.log, self.saved = mods, log, []
@@ -130,6 +160,10 @@ class _capture:
                     self._set(mod, attr, lambda: False)
                 elif attr == "num_sms":
                     self._set(mod, attr, lambda device: 132)
+                elif attr == "deterministic":
+                    self._set(mod, attr, lambda: False)
+                elif attr == "device_limits":
+                    self._set(mod, attr, lambda device: _limits(90))
                 elif isinstance(obj, JITFunction):
                     self._set(mod, attr, _Recorder(obj.fn.__name__, self.log))
                 elif isinstance(obj, Autotuner):
@@ -306,14 +340,15 @@ def _jobs(sweep, archs, only=None):
         for kname, args, kwargs, tuner in log:
             launched.add(kname)
             fn = jits[kname]
-            cfgs = [None]
-            if tuner is not None:  # the configs this launch's autotuner would benchmark
-                cfgs = list(tuner.configs)
-                if tuner.early_config_prune is not None:
-                    cfgs = tuner.early_config_prune(cfgs, dict(zip(fn.arg_names, args)), **kwargs)
-                every = sweep == "full" or all_configs is True or (all_configs and kname in all_configs)
-                cfgs = cfgs if every else cfgs[:1]
             for arch in archs:
+                cfgs = [None]
+                if tuner is not None:  # the configs this launch's autotuner would benchmark on arch
+                    cfgs = list(tuner.configs)
+                    if tuner.early_config_prune is not None:
+                        with _target(mods, arch):
+                            cfgs = tuner.early_config_prune(cfgs, dict(zip(fn.arg_names, args)), **kwargs)
+                    every = sweep == "full" or all_configs is True or (all_configs and kname in all_configs)
+                    cfgs = cfgs if every else cfgs[:1]
                 backend = make_backend(GPUTarget("cuda", arch, 32))
                 binder = create_function_from_signature(fn.signature, fn.params, backend)
                 for cfg in cfgs:
@@ -410,10 +445,10 @@ def format_table(records):
 
 # =========================================================================== parent: tests
 
-def _run_child(sweep, archs, timeout):
+def _run_child(sweep, archs, timeout, only=None):
     env = dict(os.environ, TRITON_INTERPRET="0")
     cmd = [sys.executable, os.path.abspath(__file__), "--sweep", sweep, "--archs", ",".join(map(str, archs)),
-           "--json", "-"]
+           "--json", "-"] + (["--only", only] if only else [])
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"compile child failed (rc {p.returncode}):\n{p.stderr[-5000:]}"
     return json.loads(p.stdout)
@@ -493,6 +528,33 @@ def test_every_autotune_config_compiled(fast_sweep):
                     if r["kernel"] == kernel and r["signature"].startswith(f"*{sig_dtype}")}
             missing = [c for c in labels if c not in done]
             assert not missing, f"{kernel}: configs {missing} never compiled with *{sig_dtype} operands"
+
+
+@pytest.fixture(scope="module")
+def small_gpu_sweep():
+    # the scenarios that compile every autotune config of the GEMMs (fp32, fp16, bf16 operands)
+    return _run_child("fast", (75, 86), timeout=900, only="c128")
+
+
+def test_small_gpus_every_launchable_config_fits(small_gpu_sweep):
+    """On sm_75 (64 KiB shared memory per block; tl.dot on FMA units) and sm_86 (99 KiB),
+    every GEMM config the autotuners keep after pruning for that GPU compiles, fits its shared
+    memory and registers, and does not spill; the configs pruned away are never launched there."""
+    recs = small_gpu_sweep["records"]
+    assert {r["arch"] for r in recs} == {75, 86}
+    bad = _problems(recs)
+    assert not bad, "\n".join(bad)
+
+
+def test_small_gpus_prune_what_does_not_fit(small_gpu_sweep, fast_sweep):
+    """The pruning is real: on sm_75 the big fp32 tiles (e.g. 128x64x64, 3 stages: ~147 KiB)
+    are not among the compiled (= launchable) configs, while on sm_90 they are."""
+    def fp32_fwd_configs(records, arch):
+        return {r["config"] for r in records if r["kernel"] == "_conv_fwd_kernel" and r["arch"] == arch
+                and r["signature"].startswith("*fp32")}
+    sm75, sm90 = fp32_fwd_configs(small_gpu_sweep["records"], 75), fp32_fwd_configs(fast_sweep["records"], 90)
+    assert "128x64x64 w8 s3" in sm90 and "128x64x64 w8 s3" not in sm75
+    assert sm75 and sm75 < sm90
 
 
 @pytest.mark.slow
