@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
 README = ROOT / "README.md"
 PLOTS = ROOT / "bench" / "plots"
-BUDGET = 3 * 2**30  # the small-GPU goal: a training step at batch 128 within 3 GB
+BUDGET = 3e9  # the small-GPU goal: a training step at batch 128 within 3 GB
 MiB = 2**20
 
 

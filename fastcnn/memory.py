@@ -192,6 +192,58 @@ def compare_models(names, batch: int = 4, backend: str = "auto", device: str = "
         yield name, results[0], results[1]
 
 
+@dataclasses.dataclass
+class PeakModel:
+    """Peak bytes of a training step as a line in the batch size, ``fixed + per_image *
+    batch``, fitted through two measured batches. Activations, their gradients and the
+    temporaries of a step all grow linearly with the batch; parameters, gradients and
+    optimizer state do not: so two small measured batches predict a large one (checked by
+    tests/test_memory.py against a direct measurement)."""
+
+    fixed: float
+    per_image: float
+
+    def peak(self, batch: int) -> float:
+        return self.fixed + self.per_image * batch
+
+    def largest_batch(self, budget: float) -> int:
+        """The largest batch whose predicted peak fits ``budget`` (0 if none does)."""
+        if self.per_image <= 0:
+            raise ValueError("a peak that does not grow with the batch cannot be extrapolated")
+        return max(0, int((budget - self.fixed) // self.per_image))
+
+
+def fit_peak(name: str, fused: bool, backend: str = "auto", device: str = "cpu",
+             amp_dtype: torch.dtype | None = None, probes: tuple[int, int] = (8, 16)) -> PeakModel:
+    """Measure a training step of zoo model ``name`` at the two ``probes`` batch sizes and
+    fit :class:`PeakModel` through them. Batches 8 and 16 predict ResNet-20's peak at batch
+    128 to 0.1% (2 and 4 underestimate it by 7-13%: the smallest batches do not yet show
+    the temporaries of the step's worst moment at their full share)."""
+    from .backend import use_backend
+    from .registry import create_model, model_info
+
+    info = model_info(name)
+    peaks = []
+    for batch in probes:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, *info.input_size, generator=gen).to(device)
+        y = torch.randint(0, info.num_classes, (batch,), generator=gen).to(device)
+        torch.manual_seed(0)
+        model = create_model(name, fused=fused).to(device)
+        with use_backend(backend):
+            peaks.append(measure_step(model, x, y, amp_dtype=amp_dtype).peak)
+        del model
+    b1, b2 = probes
+    per_image = (peaks[1] - peaks[0]) / (b2 - b1)
+    return PeakModel(fixed=peaks[0] - per_image * b1, per_image=per_image)
+
+
+#: What a GPU's own memory holds that the allocator does not report: the CUDA context
+#: (about 300-450 MB with cuDNN and cuBLAS loaded on small cards) and cuDNN/cuBLAS
+#: workspaces. A step fits a card of B bytes when its predicted peak is under B - MARGIN.
+MARGIN = 512 * MiB
+
+
 class SavedTensorCounter:
     """What the autograd graph's saved-tensor hooks keep as tensors (not what rebuild recipes
     keep alive through their closures: use :class:`MemoryTracker` for memory figures).
@@ -258,6 +310,10 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", default="fp32", choices=sorted(AMP_DTYPES),
                         help="autocast dtype of the forward (default fp32: no autocast)")
+    parser.add_argument("--fit", type=int, metavar="BATCH", default=None,
+                        help="predict the peak of a step at BATCH (eager and fused, fp32 and bf16) "
+                             "and the largest batch that fits --budget")
+    parser.add_argument("--budget", default="3GB", help="memory of the card for --fit (default 3GB = 3e9 bytes)")
     args = parser.parse_args(argv)
     if args.batch < 2:
         parser.exit(2, "error: --batch must be at least 2 (training-mode BatchNorm needs it)\n")
@@ -271,6 +327,17 @@ def main(argv=None) -> None:
         parser.exit(2, f"error: {e}\n")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.exit(2, "error: --device cuda: no CUDA GPU is visible\n")
+    if args.fit is not None:
+        from .train import UsageError, parse_size
+
+        try:
+            budget = parse_size(args.budget)
+        except UsageError as e:
+            parser.exit(2, f"error: --budget: {e}\n")
+        if args.fit < 1:
+            parser.exit(2, "error: --fit must be a positive batch size\n")
+        print_fit_table(names, args.fit, budget, args.backend, args.device)
+        return
     print(f"batch {args.batch}, {args.dtype}, device {device}, fused backend {args.backend}; "
           "peak: live tensor bytes at the worst moment of forward + backward + SGD step "
           "(parameters, gradients and optimizer state included); kept: bytes a forward "
@@ -284,6 +351,29 @@ def main(argv=None) -> None:
               f"{fused.peak / eager.peak:.2f} | {eager.retained_per_image / MiB:,.2f} MiB | "
               f"{fused.retained_per_image / MiB:,.2f} MiB | "
               f"{fused.after_forward / eager.after_forward:.2f} |", flush=True)
+
+
+def print_fit_table(names, batch: int, budget: int, backend: str = "auto", device: str = "cpu") -> None:
+    """The small-GPU table: predicted peak of a training step at ``batch``, eager and fused,
+    fp32 and bf16, and the largest batch whose peak fits ``budget - MARGIN``."""
+    usable = budget - MARGIN
+    print(f"predicted peak of a training step at batch {batch} (SGD-momentum; parameters, gradients, "
+          f"optimizer state, activations and temporaries), fitted through measured steps at batch 8 and 16 "
+          f"on {device}; fits: peak <= {budget / MiB:,.0f} MiB - {MARGIN / MiB:,.0f} MiB margin "
+          f"(CUDA context, library workspaces)")
+    print(f"| model | fp32 eager | fp32 fused | bf16 eager | bf16 fused | bf16 fused / eager | "
+          f"largest batch in {budget / 1e9:g} GB: bf16 eager / fused |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in names:
+        fits = {(dt, fused): fit_peak(name, fused, backend, device, AMP_DTYPES[dt])
+                for dt in ("fp32", "bf16") for fused in (False, True)}
+        cells = []
+        for key in (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)):
+            peak = fits[key].peak(batch)
+            cells.append(f"{peak / MiB:,.0f} MiB" + ("" if peak <= usable else " (over)"))
+        ratio = fits[("bf16", True)].peak(batch) / fits[("bf16", False)].peak(batch)
+        largest = " / ".join(str(fits[("bf16", f)].largest_batch(usable)) for f in (False, True))
+        print(f"| `{name}` | " + " | ".join(cells) + f" | {ratio:.2f} | {largest} |", flush=True)
 
 
 if __name__ == "__main__":

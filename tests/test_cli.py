@@ -122,19 +122,23 @@ def test_tensorboard_missing_is_explained(tmp_path):
                    "pip install tensorboard")
 
 
-def test_memory_report_compares_saved_bytes():
+def test_memory_report_compares_peak_and_kept_bytes():
     p = run("resnet20", "--batch", "2", module="fastcnn.memory")
     assert p.returncode == 0, p.stderr
     row = [l for l in p.stdout.splitlines() if "`resnet20`" in l]
     assert len(row) == 1
-    ratio = float(row[0].strip(" |").split("|")[-1])
-    assert 0.5 < ratio < 0.9, row  # measured 0.75: the fused model keeps less
+    cells = row[0].strip(" |").split("|")
+    peak_ratio, kept_ratio = float(cells[3]), float(cells[-1])
+    assert 0.5 < kept_ratio < 0.9, row  # measured 0.75: the fused model keeps less
+    assert peak_ratio <= 1.0, row
 
 
 @pytest.mark.parametrize("args, needles", [
     (["resnet2"], ["unknown model 'resnet2'"]),
     (["resnet20", "--backend", "gpu"], ["unknown backend 'gpu'"]),
     (["resnet20", "--batch", "1"], ["--batch must be at least 2"]),
+    (["resnet20", "--fit", "128", "--budget", "lots"], ["--budget", "not a size"]),
+    (["resnet20", "--fit", "0"], ["--fit must be a positive batch size"]),
 ])
 def test_memory_report_bad_arguments(args, needles):
     one_error_line(run(*args, module="fastcnn.memory"), 2, *needles)

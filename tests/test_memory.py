@@ -96,3 +96,15 @@ def test_tracker_agrees_with_cuda_allocator(name, fused):
     cuda_peak = torch.cuda.max_memory_allocated()
     m = measure_step(model, x, y, opt, amp_dtype=torch.bfloat16)
     assert abs(m.peak - cuda_peak) <= 0.10 * cuda_peak, (m.peak, cuda_peak)
+
+
+def test_peak_fitted_on_small_batches_predicts_a_larger_one():
+    """The --fit prediction: a line through the peaks at batch 8 and 16 gives batch 48's."""
+    from fastcnn.memory import fit_peak
+
+    fit = fit_peak("resnet20", fused=False)
+    x, y = torch.randn(48, 3, 32, 32), torch.randint(0, 10, (48,))
+    torch.manual_seed(0)
+    measured = measure_step(fastcnn.create_model("resnet20"), x, y).peak
+    assert abs(fit.peak(48) - measured) <= 0.02 * measured, (fit.peak(48), measured)
+    assert fit.largest_batch(fit.peak(100) + 1) == 100
