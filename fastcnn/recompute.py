@@ -7,27 +7,35 @@ full-size tensor, and whatever consumes ``y`` (the next convolution, a max-pool)
 ``y`` is a cheap elementwise function of tensors that are kept anyway, so it need not be kept.
 
 How: a fused op that produces such a ``y`` in training calls :func:`mark_rebuildable` with a
-function that recomputes it bit for bit (the same elementwise kernel on the same ``z``,
-``scale`` and ``shift``). While a fused model runs its forward (:func:`enable` installs the
+function and its inputs that recompute it bit for bit (the same elementwise kernel on the same
+``z``, ``scale`` and ``shift``). While a fused model runs its forward (:func:`enable` installs the
 hooks on the model; :func:`fastcnn.set_fused` does it for you), a saved-tensor hook
 (``torch.autograd.graph.saved_tensors_hooks``) replaces every saved ``y`` -- or view of it, such
-as the NCHW view of an NHWC buffer -- by that recipe, and backward rebuilds ``y`` when it
+as the NCHW view of an NHWC buffer -- by its :class:`Recipe`, and backward rebuilds ``y`` when it
 needs it. Any op can be the consumer: Triton kernels, cuDNN/oneDNN convolutions, pooling.
 
+Recipes compose: a recipe holds each of its inputs as that input's own recipe when it has one
+(:func:`capture`), never as the tensor, and rebuilds it lazily. So a BN+ReLU output whose input
+is a DenseNet concatenation holds the concatenation's recipe (its parts), and a post-activation
+ResNet block output ``act(bn(z) + residual)`` holds ``z`` and the residual's recipe. A rebuilt
+tensor is cached on its recipe until nothing needs it any more, so a chain of recipes is rebuilt
+once, not once per use; :data:`MAX_DEPTH` bounds how long a chain may grow.
+
 Safety: a tensor changed in place after it was produced (its version counter moved) is saved
-as usual. Outputs with a residual added are not marked (rebuilding them would keep the
-residual alive: no saving). Nothing is marked unless the hooks are active and the op records a
-backward, so inference and standalone layers keep no extra references. Under
+as usual; a tensor a recipe holds as is (no recipe of its own) that is changed in place before
+the rebuild is a clear error at rebuild time. Nothing is marked unless the hooks are active and
+the op records a backward, so inference and standalone layers keep no extra references. Under
 ``torch.compile`` the hooks stay off (the compiler plans memory itself).
 """
 from __future__ import annotations
 
-import functools
 import threading
+import weakref
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 _ATTR = "_fastcnn_rebuild"
 _state = threading.local()
@@ -40,21 +48,146 @@ def active() -> bool:
     return getattr(_state, "depth", 0) > 0
 
 
-def mark_rebuildable(y: torch.Tensor, rebuild: Callable[[], torch.Tensor]) -> None:
-    """Declare that ``rebuild()`` recomputes ``y`` exactly (same values, shape and strides).
-    ``y`` must be the tensor that owns its storage (not a view). No-op when inactive. Call it
-    only when autograd will record the op (inside an autograd Function's forward grad mode is
-    off, so the caller decides from ``ctx.needs_input_grad``)."""
+#: Longest chain of recipes built on recipes (see :func:`mark_rebuildable`). A post-activation
+#: ResNet block's output is rebuilt from its block input, itself rebuilt from the block before:
+#: rebuilding the last of ``d`` chained outputs in backward materialises all ``d`` (each is then
+#: reused, not rebuilt again), so the chain length bounds the extra activations alive at that
+#: moment. A tensor whose recipe would exceed it is kept instead, which starts a new chain.
+MAX_DEPTH = 8
+
+
+class Recipe:
+    """How to rebuild one tensor (the root that owns its storage): ``fn(*args)`` with each
+    captured argument (:class:`_Kept` or :class:`_Rebuild`) materialised first.
+
+    Why an object per root rather than a closure: every saved view of the root, and every
+    later recipe that takes the root as input, shares it, so the root is rebuilt at most once
+    while any of them still needs it -- the result is cached here (``_value``) and freed with
+    the recipe, i.e. when the last node of the autograd graph or the last recipe that needs it
+    lets go. While the original tensor is still alive (and unchanged) it is returned as is.
+    """
+
+    __slots__ = ("fn", "args", "shape", "stride", "depth", "version", "_orig", "_value", "__weakref__")
+
+    def __init__(self, fn, args, root: torch.Tensor, depth: int):
+        self.fn, self.args, self.depth = fn, args, depth
+        self.shape, self.stride = tuple(root.shape), root.stride()
+        self.version = root._version
+        self._orig = weakref.ref(root)
+        self._value = None
+
+    def get(self) -> torch.Tensor:
+        if self._value is not None:
+            return self._value
+        orig = self._orig()
+        if orig is not None and orig._version == self.version:
+            return orig.detach()
+        with torch.no_grad():
+            root = self.fn(*tree_map(materialize, self.args))
+        if tuple(root.shape) != self.shape or root.stride() != self.stride:
+            raise RuntimeError(
+                f"fastcnn: rebuilt activation has shape {tuple(root.shape)} / strides {root.stride()}, "
+                f"expected {self.shape} / {self.stride}")
+        self._value = root
+        return root
+
+
+class _Kept:
+    """A tensor a recipe needs, held as is (it has no recipe, or one that was invalidated):
+    checked at rebuild time against in-place changes made after the recipe was taken."""
+
+    __slots__ = ("tensor", "version")
+    depth = 0
+
+    def __init__(self, t: torch.Tensor):
+        self.tensor, self.version = t.detach(), t._version
+
+    def get(self) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise RuntimeError(
+                f"fastcnn: a tensor of shape {tuple(self.tensor.shape)} that a rebuild recipe needs was "
+                "changed in place between forward and backward; the activation saved as a recipe "
+                "cannot be rebuilt (change a copy instead)")
+        return self.tensor
+
+
+class _Rebuild:
+    """What the autograd graph (or a later recipe) holds instead of a tensor: the root's
+    :class:`Recipe` and the view geometry of the tensor relative to that root."""
+
+    __slots__ = ("recipe", "size", "stride", "offset")
+
+    def __init__(self, recipe: Recipe, t: torch.Tensor, root: torch.Tensor):
+        self.recipe = recipe
+        self.size, self.stride = tuple(t.shape), t.stride()
+        self.offset = t.storage_offset() - root.storage_offset()
+
+    @property
+    def depth(self) -> int:
+        return self.recipe.depth
+
+    def get(self) -> torch.Tensor:
+        root = self.recipe.get()
+        if (self.size, self.stride, self.offset) == (self.recipe.shape, self.recipe.stride, 0):
+            return root
+        return root.as_strided(self.size, self.stride, root.storage_offset() + self.offset)
+
+
+def _recipe_of(t: torch.Tensor):
+    """``_Rebuild`` for ``t`` if its storage owner carries a still-valid recipe, else None."""
+    root = t if t._base is None else t._base
+    recipe = getattr(root, _ATTR, None)
+    if recipe is None or root._version != recipe.version:  # changed in place since: not rebuildable
+        return None
+    return _Rebuild(recipe, t, root)
+
+
+def capture(t):
+    """What a recipe should hold for its input ``t``: ``t``'s own recipe when ``t`` (or the
+    tensor it is a view of) is rebuildable and unchanged since, else ``t`` itself (detached,
+    with an in-place-change check). Recipes thereby compose: a BN+act output whose input is a
+    DenseNet concatenation holds the concatenation's recipe (its parts), never the whole
+    concatenation. Non-tensors (and None) pass through unchanged."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    return _recipe_of(t) or _Kept(t)
+
+
+def materialize(c):
+    """The tensor behind a :func:`capture` result (rebuilt if need be)."""
+    if isinstance(c, (_Kept, _Rebuild)):
+        return c.get()
+    return c
+
+
+def mark_rebuildable(y: torch.Tensor, fn: Callable[..., torch.Tensor], *args) -> bool:
+    """Declare that ``fn(*args)`` recomputes ``y`` exactly (same values, shape and strides).
+
+    Tensor arguments (also inside tuples and lists) are captured with :func:`capture` -- as their own recipes where they
+    have one -- and materialised only when ``y`` is rebuilt, so a recipe never keeps alive a
+    tensor that is itself rebuildable. ``fn`` runs under ``torch.no_grad()``; it must be
+    deterministic (the same kernel on the same inputs), so gradients are bitwise identical
+    with and without rebuilds. ``y`` must be the tensor that owns its storage (not a view).
+
+    No-op (returns False) when the hooks are inactive, or when the recipe would chain more
+    than :data:`MAX_DEPTH` recipes (``y`` is then kept, and starts a new chain). Call it only
+    when autograd will record the op (inside an autograd Function's forward grad mode is off,
+    so the caller decides from ``ctx.needs_input_grad``)."""
     if not active():
-        return
+        return False
     if y._base is not None:
         raise ValueError("mark_rebuildable needs the tensor that owns the storage, not a view")
-    setattr(y, _ATTR, (rebuild, y._version))
+    captured = tree_map(capture, args)
+    depth = 1 + max((c.depth for c in tree_leaves(captured) if isinstance(c, (_Kept, _Rebuild))),
+                    default=0)
+    if depth > MAX_DEPTH:
+        return False
+    setattr(y, _ATTR, Recipe(fn, captured, y, depth))
+    return True
 
 
-def _cat(tensors, dim):
-    with torch.no_grad():
-        return torch.cat(tensors, dim)
+def _cat(dim, *tensors):
+    return torch.cat(tensors, dim)
 
 
 def cat(tensors, dim: int = 1) -> torch.Tensor:
@@ -65,39 +198,16 @@ def cat(tensors, dim: int = 1) -> torch.Tensor:
         return tensors[0]
     y = torch.cat(tensors, dim)
     if active() and torch.is_grad_enabled() and y.requires_grad:
-        mark_rebuildable(y, functools.partial(_cat, tuple(t.detach() for t in tensors), dim))
+        mark_rebuildable(y, _cat, dim, *tensors)
     return y
 
 
-class _Rebuild:
-    """What the autograd graph holds instead of a saved tensor: the recipe and view geometry."""
-
-    __slots__ = ("rebuild", "size", "stride", "offset", "shape_of_root", "stride_of_root")
-
-    def __init__(self, rebuild, t: torch.Tensor, root: torch.Tensor):
-        self.rebuild = rebuild
-        self.size, self.stride = tuple(t.shape), t.stride()
-        self.offset = t.storage_offset() - root.storage_offset()
-        self.shape_of_root, self.stride_of_root = tuple(root.shape), root.stride()
-
-
 def _pack(t: torch.Tensor):
-    packed = _pack_one(t)
+    packed = _recipe_of(t) or t
     observer = getattr(_state, "observer", None)
     if observer is not None and packed is t:
         observer(t)  # fastcnn.memory counts what the graph really keeps
     return packed
-
-
-def _pack_one(t: torch.Tensor):
-    root = t if t._base is None else t._base
-    entry = getattr(root, _ATTR, None)
-    if entry is None:
-        return t
-    rebuild, version = entry
-    if root._version != version:  # changed in place since it was produced: keep it as is
-        return t
-    return _Rebuild(rebuild, t, root)
 
 
 def set_observer(fn: Callable[[torch.Tensor], None] | None) -> None:
@@ -108,14 +218,7 @@ def set_observer(fn: Callable[[torch.Tensor], None] | None) -> None:
 def _unpack(packed):
     if isinstance(packed, torch.Tensor):
         return packed
-    root = packed.rebuild()
-    if tuple(root.shape) != packed.shape_of_root or root.stride() != packed.stride_of_root:
-        raise RuntimeError(
-            f"fastcnn: rebuilt activation has shape {tuple(root.shape)} / strides {root.stride()}, "
-            f"expected {packed.shape_of_root} / {packed.stride_of_root}")
-    if (packed.size, packed.stride, packed.offset) == (packed.shape_of_root, packed.stride_of_root, 0):
-        return root
-    return root.as_strided(packed.size, packed.stride, root.storage_offset() + packed.offset)
+    return packed.get()
 
 
 class rebuild_saved_activations:

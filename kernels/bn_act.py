@@ -33,15 +33,13 @@ over the per-slab partials of the backward reduction.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ..recompute import mark_rebuildable
 from .activations import act_code, act_grad, apply_act
-from .utils import from_nhwc, interpreting, nchw_output, pow2, rebuild_nchw, to_nhwc
+from .utils import from_nhwc, interpreting, nchw_output, pow2, rebuild_nchw_res, to_nhwc
 
 
 # --------------------------------------------------------------------------- kernels
@@ -329,9 +327,10 @@ class _BnActFn(torch.autograd.Function):
                                                  running_var, training=training, momentum=momentum,
                                                  eps=eps, device=x.device)
         y = nchw_output(bn_apply(xh, scale, shift, rh, act, act_param))
-        if training and rh is None and records and any(ctx.needs_input_grad[:3]):
-            # consumers (the conv of a pre-activation unit) keep a recipe, not y
-            mark_rebuildable(y, functools.partial(rebuild_nchw, bn_apply, xh, scale, shift, None, act, act_param))
+        if training and records and any(ctx.needs_input_grad[:6]):
+            # consumers (the conv of a pre-activation unit) keep a recipe, not y; xh and the
+            # residual are held as their own recipes where they have one (fastcnn.recompute)
+            mark_rebuildable(y, rebuild_nchw_res, bn_apply, xh, (scale, shift), residual, act, act_param)
         ctx.cfg = cfg
         ctx.save_for_backward(xh, mean, invstd, bn_weight, bn_bias,
                               rh if act != "identity" else None)

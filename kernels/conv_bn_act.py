@@ -16,8 +16,9 @@ Design
 * **Saved for backward**: ``x`` (NHWC; a view when the input is channels_last), the weight,
   ``z`` in the compute dtype, fp32 per-channel mean / invstd, and a reference to the
   residual only when a non-identity activation follows it. The normalised and activated
-  values are never stored. In training (no residual) the output ``y`` is marked as
-  rebuildable from ``z``/scale/shift (:mod:`fastcnn.recompute`): inside a fused model the next
+  values are never stored. In training the output ``y`` is marked as rebuildable from
+  ``z``/scale/shift and the residual (:mod:`fastcnn.recompute`; the residual held as its own
+  recipe where it has one): inside a fused model the next
   layer's saved ``x`` is then a recipe, not a tensor, so a chain of these layers keeps one
   activation (``z``) per layer; ``y`` is rebuilt by the same ``bn_apply`` launch in backward.
   (The alternative -- applying the previous layer's BN+act in this conv's A-tile prologue --
@@ -31,14 +32,12 @@ Design
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ..recompute import mark_rebuildable
 from .bn_act import bn_act_backward, bn_apply, bn_finalize, check_batch
 from .conv_gemm import conv_dgrad, conv_fwd, conv_geom, conv_wgrad
-from .utils import from_nhwc, nchw_output, rebuild_nchw, to_nhwc
+from .utils import from_nhwc, nchw_output, rebuild_nchw_res, to_nhwc
 
 
 class _ConvBnActFn(torch.autograd.Function):
@@ -58,8 +57,8 @@ class _ConvBnActFn(torch.autograd.Function):
                 out.pmean, out.pm2, out.block_m, gm.m, bn_weight, bn_bias, running_mean, running_var,
                 training=True, momentum=momentum, eps=eps, device=x.device)
             y = nchw_output(bn_apply(z, scale, shift, rh, act, act_param))
-            if need_grad and rh is None:  # consumers keep a recipe, not y (fastcnn.recompute)
-                mark_rebuildable(y, functools.partial(rebuild_nchw, bn_apply, z, scale, shift, None, act, act_param))
+            if need_grad:  # consumers keep a recipe, not y (fastcnn.recompute)
+                mark_rebuildable(y, rebuild_nchw_res, bn_apply, z, (scale, shift), residual, act, act_param)
         else:
             out = conv_fwd(xh, weight, bias, gm, residual=rh, act=act, act_param=act_param,
                            bn_eval=(running_mean, running_var, bn_weight, bn_bias, eps), store_z=need_grad)

@@ -12,6 +12,8 @@ Design
   ``y = act(x * g[n, c] [+ residual])``, elementwise over (rows, channel blocks).
 * **Saved for backward**: ``x`` (NHWC), the small fp32 vectors ``s``, ``h``, ``g``, the FC
   weights, and a reference to the residual only when a non-identity activation follows it.
+  In training the output is marked rebuildable from ``x``, ``g`` and the residual
+  (:mod:`fastcnn.recompute`), so the next block keeps a recipe, not a second activation.
 * **Backward**: (1) ``_se_bwd_reduce_kernel`` recomputes ``du = dy * act'(x*g + r)``, writes
   ``dresidual = du`` if wanted and reduces ``dg[n, c] = sum_hw du*x``; (2)
   ``_se_fc_bwd_kernel``, one program per sample, backpropagates through sigmoid, fc2, relu
@@ -27,7 +29,8 @@ import triton
 import triton.language as tl
 
 from .activations import act_code, act_grad, apply_act
-from .utils import from_nhwc, interpreting, nchw_output, pow2, to_nhwc
+from ..recompute import mark_rebuildable
+from .utils import from_nhwc, interpreting, nchw_output, pow2, rebuild_nchw_res, to_nhwc
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -192,10 +195,23 @@ def _blocks(rows, c):
     return pow2(rows, 16, (8192 if interpreting() else 4096) // bc), bc
 
 
+def _se_apply(xh, g, rh, act, act_param):
+    """``act(x * g[n, c] [+ residual])`` over NHWC ``xh``: the forward's last launch, and the
+    recipe that rebuilds the block output in backward (same kernel, same inputs: bit for bit)."""
+    n, hh, ww, c = xh.shape
+    hw = hh * ww
+    y = torch.empty_like(xh)
+    bm, bc = _blocks(n * hw, c)
+    _se_apply_kernel[(triton.cdiv(n * hw, bm), triton.cdiv(c, bc))](
+        xh, g, rh if rh is not None else xh, y, n * hw, hw, c, float(act_param),
+        ACT=act_code(act), HAS_RES=rh is not None, BLOCK_M=bm, BLOCK_C=bc)
+    return y
+
+
 class _SeBlockFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, residual, cfg):
-        act, act_param = cfg
+        act, act_param, records = cfg
         n, c, hh, ww = x.shape
         hw, hid = hh * ww, w1.shape[0]
         xh = to_nhwc(x)
@@ -210,20 +226,20 @@ class _SeBlockFn(torch.autograd.Function):
         _se_fc_kernel[(n,)](s, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, h, g,
                             c, hid, HAS_B1=b1 is not None, HAS_B2=b2 is not None,
                             BLOCK_H=bh, BLOCK_C=pow2(c, 16, max(16, 4096 // bh)))
-        y = torch.empty_like(xh)
-        bm, bc = _blocks(n * hw, c)
-        _se_apply_kernel[(triton.cdiv(n * hw, bm), triton.cdiv(c, bc))](
-            xh, g, rh if rh is not None else xh, y, n * hw, hw, c, float(act_param),
-            ACT=act_code(act), HAS_RES=rh is not None, BLOCK_M=bm, BLOCK_C=bc)
+        y = nchw_output(_se_apply(xh, g, rh, act, act_param))
+        if records and any(ctx.needs_input_grad[:6]):
+            # the block output is rebuilt from x (a recipe itself in a fused SE-ResNeXt), the
+            # gate and the residual by the same apply launch (fastcnn.recompute)
+            mark_rebuildable(y, rebuild_nchw_res, _se_apply, xh, (g,), residual, act, act_param)
         ctx.cfg = cfg
         ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
         ctx.save_for_backward(xh, s, h, g, w1, w2, rh if act != "identity" else None)
-        return nchw_output(y)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         xh, s, h, g, w1, w2, rh = ctx.saved_tensors
-        act, act_param = ctx.cfg
+        act, act_param, _ = ctx.cfg
         n, hh, ww, c = xh.shape
         hw, hid = hh * ww, w1.shape[0]
         need_x, need_w1, need_b1, need_w2, need_b2, need_r = ctx.needs_input_grad[:6]
@@ -260,4 +276,4 @@ class _SeBlockFn(torch.autograd.Function):
 def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, act="relu", act_param=0.0):
     """Same signature and result as :func:`fastcnn.ops.reference.se_block`."""
     return _SeBlockFn.apply(x, fc1_weight.contiguous(), fc1_bias, fc2_weight.contiguous(), fc2_bias,
-                            residual, (act, float(act_param)))
+                            residual, (act, float(act_param), torch.is_grad_enabled()))

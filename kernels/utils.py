@@ -75,10 +75,13 @@ def nchw_output(yh: torch.Tensor) -> torch.Tensor:
     return out.set_(yh.untyped_storage(), yh.storage_offset(), (n, c, h, w), (h * w * c, 1, w * c, c))
 
 
-def rebuild_nchw(fn, *args) -> torch.Tensor:
-    """``nchw_output(fn(*args))``: the recipe the ops give :mod:`fastcnn.recompute` for an
-    output they returned through :func:`nchw_output`."""
-    return nchw_output(fn(*args))
+def rebuild_nchw_res(fn, xh, vectors, residual, act, act_param) -> torch.Tensor:
+    """``nchw_output(fn(xh, *vectors, to_nhwc(residual), act, act_param))``: the recipe the
+    elementwise epilogues (``bn_apply``, the SE apply) give :mod:`fastcnn.recompute` for an
+    output they returned through :func:`nchw_output`. The recipe holds the residual as the
+    op received it (NCHW, usually itself a recipe in a fused model), not its NHWC copy, which
+    may be a temporary the op does not keep."""
+    return nchw_output(fn(xh, *vectors, to_nhwc(residual), act, act_param))
 
 
 def pow2(n: int, lo: int = 16, hi: int = 128) -> int:

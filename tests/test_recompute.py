@@ -175,7 +175,7 @@ def test_fused_model_still_pickles_and_copies(tmp_path):
     assert model._forward_pre_hooks  # the original keeps its own
 
 
-@pytest.mark.parametrize("name", ["densenet_bc_100_12", "simplenet_310k", "wrn16_8"])
+@pytest.mark.parametrize("name", ["densenet_bc_100_12", "simplenet_310k", "wrn16_8", "resnet20"])
 def test_zoo_model_gradients_identical_with_rebuilds(name):
     if fastcnn.backend.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
         pytest.skip("cpu backend (compiled extension) not built")
@@ -220,3 +220,111 @@ def test_fused_outputs_can_be_changed_in_place(backend, layer):
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     for p, p_ref in zip(fused.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-3, atol=1e-3)
+
+
+class _ResidualNet(nn.Module):
+    """Three post-activation residual units, a max-pool and an SE tail with a residual: every
+    output but the first unit's input is marked rebuildable, most with a residual recipe."""
+
+    def __init__(self):
+        super().__init__()
+        from fastcnn.layers import SqueezeExcite
+
+        self.stem = ConvBnAct(3, 8)
+        self.units = nn.ModuleList([ConvBnAct(8, 8) for _ in range(3)])
+        self.last = ConvBnAct(8, 8, act=None)
+        self.se = SqueezeExcite(8, reduction=4, out_act="relu")
+
+    def forward(self, x):
+        x = self.stem(x)
+        for unit in self.units:
+            x = unit(x, residual=x)
+        return self.se(self.last(x), residual=x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_outputs_rebuilt_give_identical_gradients(backend, monkeypatch):
+    torch.manual_seed(0)
+    state = _ResidualNet().state_dict()
+    x = torch.randn(2, 3, 6, 6)
+    rebuilt = []
+    real_get = recompute.Recipe.get
+    monkeypatch.setattr(recompute.Recipe, "get", lambda self: (rebuilt.append(self.depth), real_get(self))[1])
+    results = []
+    for rebuild in (False, True):
+        model = _ResidualNet()
+        model.load_state_dict(state)
+        set_fused(model.train(), True)
+        if not rebuild:
+            recompute.disable(model)
+        with fastcnn.use_backend(backend):
+            y = model(x)
+            (y.square() * torch.linspace(0.5, 1.5, y.numel()).view_as(y)).sum().backward()
+        results.append((y, [p.grad for p in model.parameters()]))
+        if not rebuild:
+            assert not rebuilt
+    # the residual units chain: a recipe of depth >= 4 (stem, 3 units) was rebuilt
+    assert rebuilt and max(rebuilt) >= 4
+    (y0, g0), (y1, g1) = results
+    assert torch.equal(y0, y1)
+    for (name, _), a, b in zip(model.named_parameters(), g1, g0):
+        assert torch.equal(a, b), f"gradient of {name} differs when activations are rebuilt"
+
+
+def _marked(t):
+    root = t if t._base is None else t._base
+    return getattr(root, "_fastcnn_rebuild", None)
+
+
+def test_recipes_hold_recipes_of_their_inputs_not_the_tensors():
+    """A recipe whose input is rebuildable holds the input's recipe: once the forward drops
+    its references, a concatenation that a BN+act recipe needs is freed (the DenseNet case)."""
+    from fastcnn.memory import MemoryTracker
+
+    model = set_fused(nn.Sequential(BnActConv(8, 4, 1)).train(), True)
+    parts = [torch.randn(2, 4, 8, 8, requires_grad=True) for _ in range(2)]
+    with MemoryTracker() as mt:
+        with recompute.rebuild_saved_activations():
+            cat = recompute.cat(parts)
+            assert _marked(cat) is not None
+            cat_bytes = cat.untyped_storage().nbytes()
+            out = model[0](cat)
+        before = mt.live
+        del cat
+        assert before - mt.live == cat_bytes  # nothing but the graph's recipes referred to it
+    out.sum().backward()
+    ref = [p.detach().clone().requires_grad_() for p in parts]
+    model_ref = set_fused(nn.Sequential(BnActConv(8, 4, 1)).train(), True)
+    model_ref.load_state_dict(model.state_dict())  # BN in training uses batch statistics
+    recompute.disable(model_ref)
+    model_ref(torch.cat(ref, 1)).sum().backward()
+    for p, q in zip(parts, ref):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_chains_are_cut_at_max_depth(monkeypatch):
+    monkeypatch.setattr(recompute, "MAX_DEPTH", 3)
+    x = torch.randn(4, requires_grad=True)
+    depths = []
+    with recompute.rebuild_saved_activations():
+        y = x * 1.0
+        for _ in range(5):
+            z = y * 2.0
+            depths.append(recompute.mark_rebuildable(z, torch.mul, y, 2.0) and _marked(z).depth)
+            y = z
+    # x is a plain tensor: depth 1, 2, 3, then the chain is cut (kept), then a new chain starts
+    assert depths == [1, 2, 3, False, 1]
+
+
+def test_input_changed_in_place_after_capture_is_a_clear_error():
+    x = torch.randn(3, 4, requires_grad=True)
+    with recompute.rebuild_saved_activations():
+        base = x * 1.0
+        y = base * 3.0
+        recompute.mark_rebuildable(y, torch.mul, base, 3.0)
+        out = (y * x).sum()  # mul saves y: kept as a recipe that holds base as is
+    del y  # while y itself is alive (and unchanged) the recipe returns it instead
+    with torch.no_grad():
+        base.add_(1.0)
+    with pytest.raises(RuntimeError, match="changed in place between forward and backward"):
+        out.backward()

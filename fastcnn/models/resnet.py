@@ -6,7 +6,8 @@ paper.
 
 Each block is two :class:`ConvBnAct` units; the second computes ``act(BN(conv(x)) + shortcut)``
 through its ``residual=`` argument, so the fused kernel takes the add and the ReLU into its
-epilogue.
+epilogue. Fused, a block keeps its two conv outputs for backward; the block output is rebuilt
+from the second one and the block input's recipe (:mod:`fastcnn.recompute`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,12 @@ from ..registry import register_model
 
 
 class ShortcutA(nn.Module):
-    """Option-A identity shortcut: ``x[:, :, ::s, ::s]`` zero-padded to ``out_chs`` channels."""
+    """Option-A identity shortcut: ``x[:, :, ::s, ::s]`` zero-padded to ``out_chs`` channels.
+
+    Fused, its output is kept (not marked rebuildable, though it could be): it cuts the chain
+    of block-output recipes (:mod:`fastcnn.recompute`) at each stage, so the first rebuild in
+    a stage's backward does not also rebuild the previous, larger stage's outputs (measured:
+    ResNet-20 step peak at batch 16 0.65x eager with the cut, 0.79x without)."""
 
     def __init__(self, in_chs: int, out_chs: int, stride: int):
         super().__init__()

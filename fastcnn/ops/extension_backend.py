@@ -21,7 +21,6 @@ see ``GROUPED_CONV_NOTE`` for the CPU measurement behind that.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 
 import torch
@@ -222,26 +221,30 @@ def _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
 
 
-def _rebuild_scale_shift_act(x, scale, shift, act, act_param):
-    with torch.no_grad():
-        return torch.ops.fastcnn.scale_shift_act(x, scale, shift, None, act, act_param)
+def _rebuild_scale_shift_act(x, scale, shift, residual, act, act_param):
+    return torch.ops.fastcnn.scale_shift_act(x, scale, shift, residual, act, act_param)
 
 
-def _rebuild_bn_act(x, bn_weight, bn_bias, versions, eps, act, act_param):
-    if (bn_weight._version, bn_bias._version) != versions:
-        raise RuntimeError("fastcnn: a BatchNorm weight or bias was changed in place between forward "
-                           "and backward; the activation saved as a recipe cannot be rebuilt")
-    with torch.no_grad():
-        return torch.ops.fastcnn.bn_act_forward(x, bn_weight, bn_bias, None, eps, act, act_param)[0]
+def _rebuild_bn_act(x, bn_weight, bn_bias, residual, eps, act, act_param):
+    return torch.ops.fastcnn.bn_act_forward(x, bn_weight, bn_bias, residual, eps, act, act_param)[0]
 
 
-def _mark_rebuildable_bn(y, x, bn_weight, bn_bias, eps, act, act_param):
+def _mark_rebuildable_bn(y, x, bn_weight, bn_bias, residual, eps, act, act_param):
     """Let consumers keep a recipe for ``y`` (fastcnn.recompute): the same op on the same
     input (kept anyway for the op's backward) gives ``y`` again bit for bit (its reductions
-    are deterministic); nothing extra is computed in forward."""
-    w, b = bn_weight.detach(), bn_bias.detach()
-    mark_rebuildable(y, functools.partial(_rebuild_bn_act, x.detach(), w, b, (w._version, b._version),
-                                          eps, act, act_param))
+    are deterministic); nothing extra is computed in forward. ``x`` and ``residual`` are held
+    as their own recipes where they have one (a DenseNet concatenation, a ResNet block input),
+    the BN weight and bias as tensors checked against in-place changes."""
+    mark_rebuildable(y, _rebuild_bn_act, x, bn_weight, bn_bias, residual, eps, act, act_param)
+
+
+def _mark_se(y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param):
+    mark_rebuildable(y, _rebuild_se, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param)
+
+
+def _rebuild_se(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param):
+    return torch.ops.fastcnn.se_block_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                              residual, act, act_param)[0]
 
 
 def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, momentum=0.1,
@@ -253,8 +256,8 @@ def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, m
                              f"got x of shape {tuple(x.shape)}")
         y, mean, var = torch.ops.fastcnn.bn_act_forward(x, bn_weight, bn_bias, residual, eps, act, act_param)
         _update_running_stats(running_mean, running_var, mean, var, count, momentum)
-        if residual is None and _rebuild_active() and y.requires_grad:
-            _mark_rebuildable_bn(y, x, bn_weight, bn_bias, eps, act, act_param)
+        if _rebuild_active() and y.requires_grad:
+            _mark_rebuildable_bn(y, x, bn_weight, bn_bias, residual, eps, act, act_param)
         return y
     # eval: fold BN into scale/shift (tiny ops; autograd reaches bn_weight / bn_bias)
     scale = bn_weight.float() * torch.rsqrt(running_var.float() + eps)
@@ -278,10 +281,9 @@ def conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act=
         return z if residual is None else z + residual
     z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
     y = torch.ops.fastcnn.scale_shift_act(z, None, bias, residual, act, act_param)
-    if residual is None and _rebuild_active() and y.requires_grad:
+    if _rebuild_active() and y.requires_grad:
         # the op keeps z for its own backward; consumers of y keep a recipe (fastcnn.recompute)
-        shift = None if bias is None else bias.detach()
-        mark_rebuildable(y, functools.partial(_rebuild_scale_shift_act, z.detach(), None, shift, act, act_param))
+        mark_rebuildable(y, _rebuild_scale_shift_act, z, None, bias, residual, act, act_param)
     return y
 
 
@@ -289,4 +291,8 @@ def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, ac
              act_param=0.0):
     y, _pooled = torch.ops.fastcnn.se_block_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                                     residual, act, act_param)
+    if _rebuild_active() and y.requires_grad:
+        # the block output (consumed by the next block's conv and shortcut) is rebuilt from x
+        # and the residual -- both recipes themselves in a fused SE-ResNeXt
+        _mark_se(y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param)
     return y
