@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import memory, memory_plan
 from .recipes import RECIPES, Recipe, format_recipe, get_recipe
 from .schedules import SCHEDULES, LRScheduler, ScheduleConfig
 
@@ -113,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channels-last memory format (default: on for CUDA)")
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.add_argument("--device", help="cuda | cuda:N | cpu (default: cuda if available)")
-    s.add_argument("--memory-budget", help="cap GPU memory, e.g. 3GB, 2.5GiB, 800MB (CUDA only)")
+    s.add_argument("--memory-budget", help="fit a training step into this much memory, e.g. 3GB, 2.5GiB, "
+                   "800MB: before the first step the peak is predicted and, if needed, block "
+                   "recomputation and then micro-batches are turned on; on CUDA the allocator is capped")
     s.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across DDP processes")
     s.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     s.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
@@ -520,15 +523,12 @@ def train(argv=None) -> dict:
     main_proc = rank == 0
     out = Progress(main_proc)
 
-    if budget is not None:
-        if device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
-            if budget > total:
-                raise UsageError(f"--memory-budget {args.memory_budget} exceeds the GPU's "
-                                 f"{total / 1e9:.1f} GB")
-            torch.cuda.set_per_process_memory_fraction(budget / total, device)
-        else:
-            out.line(f"note: --memory-budget is enforced on CUDA only; on {device.type} the peak RSS is reported")
+    if budget is not None and device.type == "cuda":  # the cap; the plan comes before the first step
+        total = torch.cuda.get_device_properties(device).total_memory
+        if budget > total:
+            raise UsageError(f"--memory-budget {args.memory_budget} exceeds the GPU's "
+                             f"{total / 1e9:.1f} GB")
+        torch.cuda.set_per_process_memory_fraction(budget / total, device)
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
@@ -574,6 +574,20 @@ def train(argv=None) -> dict:
         raise UsageError(f"the training set ({train_loader.num_samples} images per process) is smaller than "
                          f"one batch of {per_rank_batch}; lower --batch-size or raise --subset")
     _preflight(raw_model, test_loader, amp_dtype)
+    micro_batches = 1
+    if budget is not None:  # plan before the first step: recomputation, then micro-batches
+        margin = min(memory.MARGIN, budget // 6) if device.type == "cuda" else 0
+        try:
+            mplan = memory_plan.plan(raw_model, lambda m: build_optimizer(m, rec, args.no_decay_bn_bias),
+                                     per_rank_batch, budget, input_size, ds.num_classes, device, amp_dtype,
+                                     margin, channels_last)
+        except memory_plan.BudgetError as e:
+            raise UsageError(f"--memory-budget {args.memory_budget}: {e}") from None
+        if mplan.recompute:
+            memory_plan.enable_recomputation(raw_model)
+        micro_batches = mplan.micro_batches
+        out.line(mplan.describe() + ("" if device.type == "cuda" else
+                                     f" (planned on {device.type}; the cap itself is enforced on CUDA only)"))
 
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -644,7 +658,7 @@ def train(argv=None) -> dict:
         t0 = time.perf_counter()
         try:
             tr = _train_epoch(model, train_loader, optimizer, sched, scaler, criterion, amp_dtype,
-                              args.grad_clip, epoch, rec.epochs, args.log_interval, out, world)
+                              args.grad_clip, epoch, rec.epochs, args.log_interval, out, world, micro_batches)
             if world > 1:
                 _average_buffers(raw_model, world)
             ev = evaluate(raw_model, test_loader, ds.num_classes, amp_dtype=amp_dtype, distributed=world > 1)
@@ -744,7 +758,7 @@ def _preflight(model, loader, amp_dtype):
 
 
 def _train_epoch(model, loader, optimizer, sched, scaler, criterion, amp_dtype, grad_clip, epoch, epochs,
-                 log_interval, out: Progress, world: int) -> dict:
+                 log_interval, out: Progress, world: int, micro_batches: int = 1) -> dict:
     model.train()
     device = loader.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -754,25 +768,30 @@ def _train_epoch(model, loader, optimizer, sched, scaler, criterion, amp_dtype, 
     t0 = time.perf_counter()
     ctx = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     for step, (x, y) in enumerate(loader, 1):
-        with ctx():
-            logits = model(x)
-            loss = criterion(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
+        parts = list(zip(x.chunk(micro_batches), y.chunk(micro_batches))) if micro_batches > 1 else [(x, y)]
+        for i, (xp, yp) in enumerate(parts):
+            # DDP: all-reduce the gradients once, after the last micro-batch
+            last = i == len(parts) - 1
+            with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+                with ctx():
+                    logits = model(xp)
+                    loss = criterion(logits.float(), yp)
+                weighted = loss * (yp.shape[0] / y.shape[0]) if len(parts) > 1 else loss
+                (scaler.scale(weighted) if scaler is not None else weighted).backward()
+            loss_sum += loss.detach().double() * yp.shape[0]
+            correct += (logits.detach().argmax(1) == yp).sum()
         if scaler is not None:
-            scaler.scale(loss).backward()
             if grad_clip > 0:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             if grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
         sched.step()
-        loss_sum += loss.detach().double() * y.shape[0]
-        correct += (logits.detach().argmax(1) == y).sum()
         seen += y.shape[0]
         if step % log_interval == 0 or step == steps:
             _check_finite(loss_sum, epoch, step, sched, world)

@@ -1,0 +1,184 @@
+"""Plan a training run to fit a memory budget before its first step (``--memory-budget``).
+
+The peak of a step is predicted by measuring it (``fastcnn.memory``: storage lifetimes seen
+through the dispatcher, on the training device) at two small batches on a copy of the model
+and its optimizer, and extrapolating linearly in the batch. If the prediction exceeds the
+budget, the cheapest remedy that fits is turned on:
+
+1. **block recomputation**: each block of the model's main stack (``features`` / ``blocks``)
+   runs under ``torch.utils.checkpoint``; backward recomputes the block's forward instead of
+   keeping its intermediate activations (about a third more forward work). BatchNorm running
+   statistics are not updated a second time by the recomputation.
+2. **micro-batches with gradient accumulation**: each batch is split into ``k`` equal parts,
+   run forward and backward one after the other, and the optimizer steps once on the summed
+   gradient, so the update equals the full batch's -- except for BatchNorm, which normalises
+   each micro-batch with its own statistics (as a smaller batch would) and updates its running
+   statistics once per micro-batch.
+
+A budget that even micro-batches of one image (with recomputation) cannot meet is an error
+before training starts.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .memory import MemoryTracker, MiB, PeakModel
+
+_BN = nn.modules.batchnorm._BatchNorm
+_WRAPPED = "_fastcnn_checkpointed"
+
+
+class BudgetError(RuntimeError):
+    """No remedy makes a training step fit the memory budget."""
+
+
+def main_stack(model: nn.Module) -> nn.Module:
+    """The model's longest ``nn.Sequential``/``nn.ModuleList`` child: the stack of layers or
+    blocks (``features``, ``blocks``) that holds almost all activations."""
+    stacks = [m for m in model.children() if isinstance(m, (nn.Sequential, nn.ModuleList))]
+    if not stacks:
+        raise ValueError(f"{type(model).__name__} has no nn.Sequential/nn.ModuleList of blocks to recompute")
+    return max(stacks, key=len)
+
+
+class _BnStatsFrozen:
+    """While a checkpointed block is recomputed in backward, its BatchNorms use the batch's
+    statistics as in the forward but must not update the running statistics again:
+    momentum 0 leaves them unchanged, and ``num_batches_tracked`` is put back."""
+
+    def __init__(self, module: nn.Module):
+        self.bns = [m for m in module.modules() if isinstance(m, _BN) and m.track_running_stats]
+
+    def __enter__(self):
+        self.saved = [(m, m.momentum, m.num_batches_tracked.clone()) for m in self.bns]
+        for m in self.bns:
+            m.momentum = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        for m, momentum, tracked in self.saved:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+        return False
+
+
+def _checkpointed_forward(module: nn.Module, forward: Callable, *args, **kwargs):
+    if not (torch.is_grad_enabled() and module.training):
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _BnStatsFrozen(module)), **kwargs)
+
+
+def enable_recomputation(model: nn.Module) -> int:
+    """Run every block of the model's main stack under ``torch.utils.checkpoint`` in training
+    (the state_dict is unchanged: the blocks' forward methods are wrapped in place). Returns
+    the number of blocks wrapped."""
+    count = 0
+    for block in main_stack(model):
+        if getattr(block, _WRAPPED, False) or not any(True for _ in block.parameters()):
+            continue
+        block.forward = functools.partial(_checkpointed_forward, block, block.forward)
+        setattr(block, _WRAPPED, True)
+        count += 1
+    return count
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    recompute: bool
+    micro_batches: int
+    predicted_peak: float
+    budget: int
+
+    def describe(self) -> str:
+        what = []
+        if self.recompute:
+            what.append("block recomputation (torch.utils.checkpoint)")
+        if self.micro_batches > 1:
+            what.append(f"{self.micro_batches} micro-batches with gradient accumulation")
+        remedy = " + ".join(what) or "nothing needed"
+        return (f"memory plan: {remedy}; predicted peak {self.predicted_peak / MiB:,.0f} MiB "
+                f"of a {self.budget / MiB:,.0f} MiB budget")
+
+
+def _measure(model: nn.Module, make_optimizer, x: torch.Tensor, y: torch.Tensor, amp_dtype) -> int:
+    """Peak of a steady-state step (optimizer state already created by a first step)."""
+    opt = make_optimizer(model)
+
+    def step():
+        with torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    opt.zero_grad(set_to_none=True)
+    with MemoryTracker(x.device) as mt:
+        mt.track(model, opt, x, y)
+        mt.reset_peak()
+        step()
+        opt.zero_grad(set_to_none=True)
+    return mt.peak
+
+
+def fit(model: nn.Module, make_optimizer, input_size, num_classes: int, device, amp_dtype=None,
+        recompute: bool = False, probes=(8, 16), channels_last: bool = False) -> PeakModel:
+    """Fit the peak of a training step of a copy of ``model`` (and a fresh optimizer made by
+    ``make_optimizer(model)``), as a line in the batch size, on ``device``."""
+    peaks = []
+    for batch in probes:
+        probe = copy.deepcopy(model).train()
+        if recompute:
+            enable_recomputation(probe)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, *input_size, generator=gen).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
+        peaks.append(_measure(probe, make_optimizer, x, y, amp_dtype))
+        del probe, x, y
+    b1, b2 = probes
+    per_image = max(1.0, (peaks[1] - peaks[0]) / (b2 - b1))
+    return PeakModel(fixed=peaks[0] - per_image * b1, per_image=per_image)
+
+
+def plan(model: nn.Module, make_optimizer, batch: int, budget: int, input_size, num_classes: int,
+         device, amp_dtype=None, margin: int = 0, channels_last: bool = False) -> MemoryPlan:
+    """The cheapest :class:`MemoryPlan` whose predicted peak fits ``budget - margin``."""
+    usable = budget - margin
+    if usable <= 0:
+        raise BudgetError(f"the memory budget ({budget / MiB:,.0f} MiB) is smaller than the "
+                          f"{margin / MiB:,.0f} MiB kept for what the allocator does not see")
+    args = (make_optimizer, input_size, num_classes, device, amp_dtype)
+    plain = fit(model, *args, channels_last=channels_last)
+    if plain.peak(batch) <= usable:
+        return MemoryPlan(False, 1, plain.peak(batch), budget)
+    try:
+        recomputed = fit(model, *args, recompute=True, channels_last=channels_last)
+    except ValueError:  # no block stack to recompute
+        recomputed = None
+    if recomputed is not None and recomputed.peak(batch) <= usable:
+        return MemoryPlan(True, 1, recomputed.peak(batch), budget)
+    for k in range(2, batch + 1):
+        if batch % k:
+            continue
+        micro = batch // k
+        if plain.peak(micro) <= usable:
+            return MemoryPlan(False, k, plain.peak(micro), budget)
+        if recomputed is not None and recomputed.peak(micro) <= usable:
+            return MemoryPlan(True, k, recomputed.peak(micro), budget)
+    best = min(plain.fixed + plain.per_image, recomputed.peak(1) if recomputed else float("inf"))
+    raise BudgetError(f"the memory budget ({budget / MiB:,.0f} MiB, {usable / MiB:,.0f} MiB usable) cannot "
+                      f"hold a training step: even one image at a time with block recomputation needs "
+                      f"about {best / MiB:,.0f} MiB (parameters, gradients and optimizer state alone: "
+                      f"about {max(0.0, plain.fixed) / MiB:,.0f} MiB)")
