@@ -304,36 +304,23 @@ def charts(models, host, training, plots_dir: Path):
             eager = {r["model"]: r["images_per_s"] for r in rows if r["variant"] == "eager"}
             variants = [v for v in variant_order({r["variant"] for r in rows}) if v != "eager"]
             mods = sorted(eager)
-            width = 0.8 / max(1, len(variants))
-            for i, v in enumerate(variants):
-                vals = [next((r["images_per_s"] / eager[m] for r in rows if r["model"] == m and r["variant"] == v), 0)
-                        for m in mods]
-                ax.bar([j + i * width for j in range(len(mods))], vals, width, label=v)
+            _bars(ax, mods, {v: [_value(rows, "images_per_s", model=m, variant=v) / eager[m] for m in mods]
+                             for v in variants})
             ax.axhline(1.0, color="black", lw=0.8)
-            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(mods))], mods, rotation=30, ha="right", fontsize=8)
             ax.set_ylabel("images/s relative to eager")
             ax.set_title(f"{'training step' if workload == 'train' else 'inference'}: speed-up over eager")
             ax.legend(fontsize=7)
         ax = axes[2]
         rows = [r for r in group if r["workload"] == "train" and r.get("peak_mem_bytes")]
         mods = sorted({r["model"] for r in rows})
-        variants = variant_order({r["variant"] for r in rows})
-        width = 0.8 / max(1, len(variants))
-        for i, v in enumerate(variants):
-            vals = [next((r["peak_mem_bytes"] / MiB for r in rows if r["model"] == m and r["variant"] == v), 0)
-                    for m in mods]
-            ax.bar([j + i * width for j in range(len(mods))], vals, width, label=v)
+        _bars(ax, mods, {v: [_value(rows, "peak_mem_bytes", model=m, variant=v) / MiB for m in mods]
+                         for v in variant_order({r["variant"] for r in rows})})
         if group[0]["device_type"] == "cuda":
             ax.axhline(BUDGET / MiB, color="red", ls="--", lw=1, label="3 GB")
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(mods))], mods, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("MiB")
         ax.set_title("peak memory of a training step")
         ax.legend(fontsize=7)
-        _stamp(fig, group)
-        path = plots_dir / f"models_{slug}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, group, plots_dir / f"models_{slug}.png"))
     by_device = defaultdict(list)
     for r in host:
         by_device[r["device"]].append(r)
@@ -342,22 +329,14 @@ def charts(models, host, training, plots_dir: Path):
         eager = {(r["layer"], r["mode"]): r["per_call_us"] for r in group if r["variant"] == "eager"}
         keys = sorted(eager)
         variants = [v for v in variant_order({r["variant"] for r in group}) if v != "eager"]
-        width = 0.8 / max(1, len(variants))
-        for i, v in enumerate(variants):
-            vals = [next((r["per_call_us"] / eager[k] for r in group if (r["layer"], r["mode"]) == k and r["variant"] == v), 0)
-                    for k in keys]
-            ax.bar([j + i * width for j in range(len(keys))], vals, width, label=v)
+        _bars(ax, [f"{l}\n{m}" for l, m in keys],
+              {v: [_value(group, "per_call_us", layer=l, mode=m, variant=v) / eager[(l, m)] for l, m in keys]
+               for v in variants})
         ax.axhline(1.0, color="red", ls="--", lw=1, label="eager (target)")
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], [f"{l}\n{m}" for l, m in keys], fontsize=7,
-                      rotation=30, ha="right")
         ax.set_ylabel("host time per call, relative to eager")
         ax.set_title("host overhead per layer (tiny tensors)")
         ax.legend(fontsize=8)
-        _stamp(fig, group)
-        path = plots_dir / f"host_overhead_{_slug(group[0]['device_type'] + '-' + device)}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, group, plots_dir / f"host_overhead_{_slug(group[0]['device_type'] + '-' + device)}.png"))
     if training:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
         for run in training:
@@ -377,6 +356,20 @@ def charts(models, host, training, plots_dir: Path):
     return written
 
 
+def _value(rows, field, **match) -> float:
+    """``field`` of the result matching every ``key=value`` (0 where there is none)."""
+    return next((r[field] for r in rows if all(r.get(k) == v for k, v in match.items())), 0) or 0
+
+
+def _bars(ax, categories, series: dict) -> None:
+    """Grouped bars: one group per category, one bar per series (label -> values)."""
+    width = 0.8 / max(1, len(series))
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(categories))], values, width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(categories))], categories, rotation=30, ha="right",
+                  fontsize=7)
+
+
 def _training_stamp(runs):
     """Device, torch and date of each run (the date is that of its last recorded epoch)."""
     import datetime
@@ -390,9 +383,15 @@ def _training_stamp(runs):
     return "; ".join(parts)
 
 
-def _stamp(fig, group):
+def _save(fig, group, path: Path) -> Path:
+    """Stamp the figure with where, when and how its results were measured; write it."""
+    import matplotlib.pyplot as plt
+
     fig.text(0.01, 0.01, f"{stamp(group)}; " + " ; ".join(commands(group)), fontsize=7, color="gray", wrap=True)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _slug(text):

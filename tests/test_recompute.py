@@ -28,8 +28,9 @@ def _small_net():
     )
 
 
-def _run(state, x, backend, rebuild, count_rebuilds=None):
-    model = _small_net()
+def _run(state, x, backend, rebuild, make=_small_net):
+    """Forward and backward of a fused ``make()`` net with the rebuild hooks on or off."""
+    model = make()
     model.load_state_dict(state)
     set_fused(model.train(), True)
     if not rebuild:
@@ -252,15 +253,8 @@ def test_residual_outputs_rebuilt_give_identical_gradients(backend, monkeypatch)
     monkeypatch.setattr(recompute.Recipe, "get", lambda self: (rebuilt.append(self.depth), real_get(self))[1])
     results = []
     for rebuild in (False, True):
-        model = _ResidualNet()
-        model.load_state_dict(state)
-        set_fused(model.train(), True)
-        if not rebuild:
-            recompute.disable(model)
-        with fastcnn.use_backend(backend):
-            y = model(x)
-            (y.square() * torch.linspace(0.5, 1.5, y.numel()).view_as(y)).sum().backward()
-        results.append((y, [p.grad for p in model.parameters()]))
+        y, grads, model = _run(state, x, backend, rebuild, make=_ResidualNet)
+        results.append((y, grads))
         if not rebuild:
             assert not rebuilt
     # the residual units chain: a recipe of depth >= 4 (stem, 3 units) was rebuilt
