@@ -112,10 +112,11 @@ def test_peak_fitted_on_small_batches_predicts_a_larger_one():
 
 # --------------------------------------------------------------------------- pinned figures
 # Measured with the tracker on the cpu backend, fp32, batch 2 (fused / eager bytes kept after
-# the forward): resnet20 0.534, densenet_bc_100_12 0.174, nin 0.553, simplenet 0.554,
-# resnext29_4x64d 0.524, se_resnext29_4x64d 0.461, vgg19 0.594 (above the 0.55 target: its
-# max-pools keep their inputs), allcnn_c / lenet5 / shathenet 1.0 (no BN: one activation per
-# layer already). Fused peak of the step <= eager peak for all of them.
+# the forward): resnet20 0.534, densenet_bc_100_12 0.174, resnext29_4x64d 0.524,
+# se_resnext29_4x64d 0.461; with max-pools that recompute their indices (fastcnn.layers.pool;
+# batch 4): vgg19 0.51 (0.59 before), nin 0.50, simplenet 0.48; allcnn_c / lenet5 / shathenet
+# <= 1.0 (no BN: one activation per layer already). Fused peak of the step <= eager peak for
+# all of them.
 
 def _needs_cpu_backend():
     if fastcnn.backend.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
@@ -123,8 +124,8 @@ def _needs_cpu_backend():
 
 
 @pytest.mark.parametrize("name, kept_at_most", [
-    ("resnet20", 0.55), ("densenet_bc_100_12", 0.20), ("nin", 0.56), ("simplenet", 0.56),
-    ("resnext29_4x64d", 0.55), ("vgg19", 0.60),
+    ("resnet20", 0.55), ("densenet_bc_100_12", 0.20), ("nin", 0.52), ("simplenet", 0.50),
+    ("resnext29_4x64d", 0.55), ("vgg19", 0.53),
     ("allcnn_c", 1.0), ("lenet5", 1.0), ("shathenet_v1_1", 1.0),
 ])
 def test_fused_kept_ratio_and_peak_pinned(name, kept_at_most):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers import ConvAct, create_act
+from ..layers import MaxPool2d, ConvAct, create_act
 from ..layers.weight_init import init_he
 from ..registry import register_model
 
@@ -15,9 +15,9 @@ class LeNet5(nn.Module):
         super().__init__()
         self.features = nn.Sequential(
             ConvAct(in_chans, 6, 5, padding=0, act=act),
-            nn.MaxPool2d(2),
+            MaxPool2d(2),
             ConvAct(6, 16, 5, padding=0, act=act),
-            nn.MaxPool2d(2),
+            MaxPool2d(2),
         )
         side = ((img_size - 4) // 2 - 4) // 2
         if side < 1:

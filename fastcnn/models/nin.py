@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers import ConvBnAct
+from ..layers import MaxPool2d, ConvBnAct
 from ..layers.weight_init import init_he
 from ..registry import register_model
 
@@ -21,9 +21,9 @@ class NIN(nn.Module):
 
         self.features = nn.Sequential(
             cbr(in_chans, 192, 5), cbr(192, 160, 1), cbr(160, 96, 1),
-            nn.MaxPool2d(3, 2, padding=1), nn.Dropout(drop_rate),
+            MaxPool2d(3, 2, padding=1), nn.Dropout(drop_rate),
             cbr(96, 192, 5), cbr(192, 192, 1), cbr(192, 192, 1),
-            nn.MaxPool2d(3, 2, padding=1), nn.Dropout(drop_rate),
+            MaxPool2d(3, 2, padding=1), nn.Dropout(drop_rate),
             cbr(192, 192, 3), cbr(192, 192, 1), cbr(192, num_classes, 1),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ConvAct, create_act
+from ..layers import MaxPool2d, ConvAct, create_act
 from ..layers.weight_init import init_he
 from ..registry import register_model
 
@@ -35,7 +35,7 @@ class ShatheNet(nn.Module):
         layers, chs = [], in_chans
         for spec in CFGS[version]:
             if spec == "p":
-                layers.append(nn.MaxPool2d(2))
+                layers.append(MaxPool2d(2))
                 side //= 2
             else:
                 out, k, s, activated = spec

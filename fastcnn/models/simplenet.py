@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ConvBnAct
+from ..layers import MaxPool2d, ConvBnAct
 from ..registry import register_model
 
 # (channels or "p", kernel, dropout after it?) as in the official cfgs; "p" = 2x2 max-pool.
@@ -53,7 +53,7 @@ class SimpleNetCifar(nn.Module):
         layers, chs = [], in_chans
         for width, k, drop in CFGS[cfg]:
             if width == "p":
-                layers.append(nn.MaxPool2d(2, 2))
+                layers.append(MaxPool2d(2, 2))
             else:
                 # padding=1 for the 1x1 convs too: the official quirk.
                 layers.append(ConvBnAct(chs, width, k, 1, padding=1, bias=True, act=act,

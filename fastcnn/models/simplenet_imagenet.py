@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ConvBnAct
+from ..layers import MaxPool2d, ConvBnAct
 from ..registry import register_model
 from .simplenet import init_simplenet
 
@@ -37,7 +37,7 @@ class SimpleNetImageNet(nn.Module):
         for idx, (width, k) in enumerate(CFGS[cfg]):
             stride = STRIDES[mode].get(idx, 1 if width != "p" else 2)
             if width == "p":
-                layers.append(nn.MaxPool2d(2, stride))
+                layers.append(MaxPool2d(2, stride))
             else:
                 out = round(width * scale)
                 layers.append(ConvBnAct(chs, out, k, stride, padding=1, bias=True, act=act,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers import ConvBnAct, create_act
+from ..layers import MaxPool2d, ConvBnAct, create_act
 from ..layers.weight_init import init_he
 from ..registry import register_model
 
@@ -22,7 +22,7 @@ class VGG(nn.Module):
         layers, chs, side = [], in_chans, img_size
         for v in cfg:
             if v == "p":
-                layers.append(nn.MaxPool2d(2, 2))
+                layers.append(MaxPool2d(2, 2))
                 side //= 2
             else:
                 layers.append(ConvBnAct(chs, v, 3, bias=True, act=act))

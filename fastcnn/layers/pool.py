@@ -1,0 +1,45 @@
+"""Max-pooling that keeps no indices for backward in fused models.
+
+``nn.MaxPool2d`` in training saves its input and an int64 index per output element: for a
+2x2 pool, half as many bytes as its fp32 input again. In a fused model the input is usually a
+rebuildable BN+activation output (:mod:`fastcnn.recompute`), kept as a recipe, so the indices
+are most of what the pool costs. Fused, this pool saves only its input and recomputes the
+indices in backward with the same ``max_pool2d_with_indices`` op eager PyTorch uses, so the
+gradient is routed identically (ties included). Unfused, it is ``nn.MaxPool2d``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+
+class _MaxPoolRecomputeIndices(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
+        ctx.geometry = (_pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation), ceil_mode)
+        ctx.save_for_backward(x)
+        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        kernel, stride, padding, dilation, ceil_mode = ctx.geometry
+        _, indices = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad, x, kernel, stride, padding, dilation,
+                                                                  ceil_mode, indices)
+        return grad_x, None, None, None, None, None
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d``; with ``fused=True`` (set by :func:`fastcnn.set_fused`) it recomputes
+    its indices in backward instead of keeping them."""
+
+    fused: bool = False
+
+    def forward(self, x):
+        if not self.fused or self.return_indices or not (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)
+        return _MaxPoolRecomputeIndices.apply(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                                              self.ceil_mode)
