@@ -126,7 +126,7 @@ def _needs_cpu_backend():
 @pytest.mark.parametrize("name, kept_at_most", [
     ("resnet20", 0.55), ("densenet_bc_100_12", 0.20), ("nin", 0.52), ("simplenet", 0.50),
     ("resnext29_4x64d", 0.55), ("vgg19", 0.53),
-    ("allcnn_c", 1.0), ("lenet5", 1.0), ("shathenet_v1_1", 1.0),
+    ("allcnn_c", 1.0), ("lenet5", 1.0), ("shathenet_v1_1", 1.0), ("shathenet_v1_2", 1.0),
 ])
 def test_fused_kept_ratio_and_peak_pinned(name, kept_at_most):
     """Composing rebuild recipes (fastcnn.recompute) keep these ratios; the fused step never

@@ -26,7 +26,8 @@ class _MaxPoolRecomputeIndices(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         kernel, stride, padding, dilation, ceil_mode = ctx.geometry
-        _, indices = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
+        # [1]: the recomputed pool output is freed at once, so the backward's peak is eager's
+        indices = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)[1]
         grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad, x, kernel, stride, padding, dilation,
                                                                   ceil_mode, indices)
         return grad_x, None, None, None, None, None
