@@ -14,7 +14,8 @@
 #   6. report   python -m bench.report on the JSON files, into OUTDIR (the repository's own
 #               RESULTS.md/README are not touched: copy OUTDIR/*.json to bench/runs/ and run
 #               the report there to commit them)
-# Logs, JSON, report and stage times land in OUTDIR; a summary is printed at the end.
+# Logs, JSON, report and stage times land in OUTDIR; a summary is printed at the end, and the
+# exit status is 1 if any stage failed or timed out (the other stages still ran).
 #
 # --smoke runs the same pipeline on a machine without a GPU (no build; a tiny CPU selection)
 # to check the plumbing before a GPU session; CI (.ci/run) runs it.
@@ -37,6 +38,7 @@ mkdir -p "$OUT" || { echo "gpu_check: cannot create $OUT" >&2; exit 2; }
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python}
 START=$(date +%s)
+FAILED=""
 : > "$OUT/stages.txt"
 
 if [ "$MODE" != smoke ]; then
@@ -77,6 +79,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log, record t
     local status=ok
     [ $rc -eq 124 ] || [ $rc -eq 137 ] && status="TIMED OUT"
     [ $rc -ne 0 ] && [ "$status" = ok ] && status="exit $rc"
+    [ "$status" = ok ] || FAILED="$FAILED $name"
     printf '%-28s %4ds  %s\n' "$name" "$dt" "$status" | tee -a "$OUT/stages.txt"
     tail -n 3 "$OUT/$name.log" | sed 's/^/   | /'
     return $rc
@@ -94,7 +97,10 @@ fi
 stage info 60 $PY -m fastcnn.info
 $PY -m fastcnn.info > "$OUT/info.txt" 2>&1
 
-stage tests "$B_TESTS" $PY -m pytest tests "${TEST_SELECT[@]}" -q -x --no-header -p no:cacheprovider \
+# whole models first (the most telling), then every other GPU test; -v so that a time-out
+# still leaves each finished test's outcome in the log
+stage tests "$B_TESTS" $PY -m pytest tests/test_triton_models.py tests/test_extension_models.py \
+    tests/test_memory.py tests "${TEST_SELECT[@]}" -v --tb=short -rfE --no-header -p no:cacheprovider \
     --junitxml="$OUT/tests.xml"
 [ $? -eq 5 ] && echo "   (no GPU test ran: expected only in --smoke mode)"
 
@@ -137,3 +143,7 @@ total=$(( $(date +%s) - START ))
 echo "== done in ${total}s ($MODE: $ROUNDS_NOTE); stage times in $OUT/stages.txt"
 printf '%-28s %4ds\n' total "$total" >> "$OUT/stages.txt"
 cat "$OUT/stages.txt"
+if [ -n "$FAILED" ]; then
+    echo "gpu_check: stage(s) failed or timed out:$FAILED (logs in $OUT); the others' results are kept" >&2
+    exit 1
+fi
