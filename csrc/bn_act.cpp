@@ -101,6 +101,29 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_forward(const Tensor& x_, const Tensor
   return {y, mean, var};
 }
 
+// y of bn_act_forward from its own statistics: the same coefficients (bn_coef on the same fp32
+// mean and var) and the same elementwise kernel, so the result is identical bit for bit.
+Tensor bn_act_apply(const Tensor& x_, const Tensor& weight, const Tensor& bias,
+                    const c10::optional<Tensor>& residual, const Tensor& mean_, const Tensor& var_,
+                    double eps, c10::string_view act, double act_param) {
+  check_activation(x_, "x");
+  const int64_t C = x_.size(1);
+  check_vector(weight, C, x_, "weight");
+  check_vector(bias, C, x_, "bias");
+  check_vector(mean_, C, x_, "mean");
+  check_vector(var_, C, x_, "var");
+  if (residual.has_value()) check_like(*residual, x_, "residual");
+  const Act a = parse_act(std::string(act));
+  c10::OptionalDeviceGuard guard(at::device_of(x_));
+  const auto fmt = kernel_format(x_);
+  const Tensor x = x_.contiguous(fmt), r = in_format(residual, fmt);
+  const BnCoef k = bn_coef(weight, bias, mean_, var_, eps);
+  Tensor y = empty_in_format(x, fmt);
+  FASTCNN_ON_DEVICE(x, act_forward, x, r, y, k.scale, k.shift, channel_geom(x, fmt), a,
+                    static_cast<float>(act_param));
+  return y;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
     const Tensor& gy_, const Tensor& x_, const Tensor& weight, const Tensor& bias,
     const c10::optional<Tensor>& residual, const Tensor& mean_, const Tensor& var_, double eps,
@@ -190,6 +213,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> scale_shift_act_backward(
 
 TORCH_LIBRARY_IMPL(fastcnn, CPU, m) {
   m.impl("bn_act_forward", &bn_act_forward);
+  m.impl("bn_act_apply", &bn_act_apply);
   m.impl("bn_act_backward", &bn_act_backward);
   m.impl("scale_shift_act", &scale_shift_act);
   m.impl("scale_shift_act_backward", &scale_shift_act_backward);
@@ -198,6 +222,7 @@ TORCH_LIBRARY_IMPL(fastcnn, CPU, m) {
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(fastcnn, CUDA, m) {
   m.impl("bn_act_forward", &bn_act_forward);
+  m.impl("bn_act_apply", &bn_act_apply);
   m.impl("bn_act_backward", &bn_act_backward);
   m.impl("scale_shift_act", &scale_shift_act);
   m.impl("scale_shift_act_backward", &scale_shift_act_backward);

@@ -13,6 +13,11 @@ TORCH_LIBRARY(fastcnn, m) {
   // (y, batch mean, biased batch variance), both statistics fp32 [C]
   m.def("bn_act_forward(Tensor x, Tensor weight, Tensor bias, Tensor? residual, float eps, "
         "str act, float act_param) -> (Tensor, Tensor, Tensor)");
+  // act(BN(x) (+ residual)) from given batch statistics (mean, biased var: bn_act_forward's
+  // own outputs) -- bit for bit bn_act_forward's y, without its statistics pass: how a
+  // rebuilt activation is recomputed in backward
+  m.def("bn_act_apply(Tensor x, Tensor weight, Tensor bias, Tensor? residual, Tensor mean, "
+        "Tensor var, float eps, str act, float act_param) -> Tensor");
   // -> (grad_x, grad_residual, grad_weight, grad_bias)
   m.def("bn_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor? residual, "
         "Tensor mean, Tensor var, float eps, str act, float act_param) "

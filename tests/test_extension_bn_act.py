@@ -162,3 +162,20 @@ def test_bn_act_cuda(shape, layout, dtype, training):
         pytest.fail("a GPU is present but fastcnn._C was built without CUDA kernels")
     for act, p in ACTS:
         run_bn_act(shape, layout, dtype, act, p, training, True, device="cuda", backend="cuda")
+
+
+@pytest.mark.parametrize("with_residual", (False, True), ids=("plain", "residual"))
+@pytest.mark.parametrize("act,act_param", ACTS, ids=[a for a, _ in ACTS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bn_act_apply_rebuilds_forward_bit_for_bit(layout, dtype, act, act_param, with_residual):
+    """The rebuild op: bn_act_forward's y again from its own statistics, identical bits."""
+    if fastcnn.backend.unavailable_reason("cpu", "bn_act", "cpu") is not None:
+        pytest.skip("the cpu backend (extension) is not built")
+    x = make((2, 10, 7, 9), layout, dtype, scale=2.0, offset=0.5)
+    r = make((2, 10, 7, 9), layout, dtype) if with_residual else None
+    w, b = torch.rand(10) + 0.5, torch.randn(10)
+    y, mean, var = torch.ops.fastcnn.bn_act_forward(x, w, b, r, 1e-5, act, act_param)
+    again = torch.ops.fastcnn.bn_act_apply(x, w, b, r, mean, var, 1e-5, act, act_param)
+    assert again.stride() == y.stride()
+    assert torch.equal(again, y)

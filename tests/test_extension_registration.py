@@ -13,7 +13,7 @@ from extension_cases import make
 
 pytestmark = pytest.mark.extension
 
-OP_NAMES = ("bn_act_forward", "bn_act_backward", "scale_shift_act", "scale_shift_act_backward",
+OP_NAMES = ("bn_act_forward", "bn_act_apply", "bn_act_backward", "scale_shift_act", "scale_shift_act_backward",
             "se_block_forward", "se_block_backward", "grouped_conv2d", "grouped_conv2d_backward")
 
 
@@ -40,6 +40,8 @@ def op_cases(device="cpu", layout="nchw", dtype=torch.float32):
     cases = [
         ("bn_act_forward", (x, w, b, r, 1e-5, "silu", 0.0)),
         ("bn_act_forward", (x, w, b, None, 1e-5, "leaky_relu", 0.1)),
+        ("bn_act_apply", (x, w, b, r, mean, var, 1e-5, "silu", 0.0)),
+        ("bn_act_apply", (x, w, b, None, mean, var, 1e-5, "relu", 0.0)),
         ("bn_act_backward", (gy, x, w, b, r, mean, var, 1e-5, "gelu", 0.0)),
         ("bn_act_backward", (gy, x, w, b, None, mean, var, 1e-5, "relu", 0.0)),
         ("scale_shift_act", (x, w, b, r, "elu", 1.0)),
@@ -54,8 +56,10 @@ def op_cases(device="cpu", layout="nchw", dtype=torch.float32):
         ("grouped_conv2d_backward", (cgy, cx, cw, *conv, [True, True])),
         ("grouped_conv2d_backward", (cgy, cx, cw, *conv, [True, False])),
     ]
-    # the backward ops are not differentiable (autograd falls through them): plain inputs
-    return [(name, tuple(a.detach() if isinstance(a, torch.Tensor) and name.endswith("backward") else a
+    # the backward ops and bn_act_apply (used inside backward, to rebuild) are not
+    # differentiable (autograd falls through them): plain inputs
+    plain = lambda name: name.endswith("backward") or name == "bn_act_apply"  # noqa: E731
+    return [(name, tuple(a.detach() if isinstance(a, torch.Tensor) and plain(name) else a
                          for a in args)) for name, args in cases]
 
 

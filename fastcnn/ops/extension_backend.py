@@ -89,6 +89,10 @@ def _register_fakes() -> None:
     def _(x, weight, bias, residual, eps, act, act_param):
         return _like(x), _f32(x, x.shape[1]), _f32(x, x.shape[1])
 
+    @torch.library.register_fake(lib + "bn_act_apply")
+    def _(x, weight, bias, residual, mean, var, eps, act, act_param):
+        return _like(x)
+
     @torch.library.register_fake(lib + "bn_act_backward")
     def _(grad_y, x, weight, bias, residual, mean, var, eps, act, act_param):
         gr = _like(x) if residual is not None else _none_grad(x)
@@ -227,17 +231,20 @@ def _rebuild_scale_shift_act(x, scale, shift, residual, act, act_param):
     return torch.ops.fastcnn.scale_shift_act(x, scale, shift, residual, act, act_param)
 
 
-def _rebuild_bn_act(x, bn_weight, bn_bias, residual, eps, act, act_param):
-    return torch.ops.fastcnn.bn_act_forward(x, bn_weight, bn_bias, residual, eps, act, act_param)[0]
+def _rebuild_bn_act(x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param):
+    with torch.no_grad():
+        return torch.ops.fastcnn.bn_act_apply(x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param)
 
 
-def _mark_rebuildable_bn(y, x, bn_weight, bn_bias, residual, eps, act, act_param):
-    """Let consumers keep a recipe for ``y`` (fastcnn.recompute): the same op on the same
-    input (kept anyway for the op's backward) gives ``y`` again bit for bit (its reductions
-    are deterministic); nothing extra is computed in forward. ``x`` and ``residual`` are held
-    as their own recipes where they have one (a DenseNet concatenation, a ResNet block input),
-    the BN weight and bias as tensors checked against in-place changes."""
-    mark_rebuildable(y, _rebuild_bn_act, x, bn_weight, bn_bias, residual, eps, act, act_param)
+def _mark_rebuildable_bn(y, x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param):
+    """Let consumers keep a recipe for ``y`` (fastcnn.recompute): ``bn_act_apply`` on the same
+    input with the forward's own batch statistics (kept anyway for the op's backward: [C]
+    vectors) gives ``y`` again bit for bit -- the same coefficients and elementwise kernel --
+    in one elementwise pass, without a second statistics pass; nothing extra is computed in
+    forward. ``x`` and ``residual`` are held as their own recipes where they have one (a
+    DenseNet concatenation, a ResNet block input), the BN weight and bias as tensors checked
+    against in-place changes."""
+    mark_rebuildable(y, _rebuild_bn_act, x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param)
 
 
 def _mark_se(y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param):
@@ -259,7 +266,7 @@ def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, m
         y, mean, var = torch.ops.fastcnn.bn_act_forward(x, bn_weight, bn_bias, residual, eps, act, act_param)
         _update_running_stats(running_mean, running_var, mean, var, count, momentum)
         if _rebuild_active() and y.requires_grad:
-            _mark_rebuildable_bn(y, x, bn_weight, bn_bias, residual, eps, act, act_param)
+            _mark_rebuildable_bn(y, x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param)
         return y
     # eval: fold BN into scale/shift (tiny ops; autograd reaches bn_weight / bn_bias)
     scale = bn_weight.float() * torch.rsqrt(running_var.float() + eps)
