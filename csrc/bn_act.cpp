@@ -101,18 +101,25 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_forward(const Tensor& x_, const Tensor
   return {y, mean, var};
 }
 
+// The checks bn_act_apply and bn_act_backward share: x an activation, [C] weight, bias and
+// statistics, a residual like x.
+void check_bn_stats_args(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                         const c10::optional<Tensor>& residual, const Tensor& mean, const Tensor& var) {
+  check_activation(x, "x");
+  const int64_t C = x.size(1);
+  check_vector(weight, C, x, "weight");
+  check_vector(bias, C, x, "bias");
+  check_vector(mean, C, x, "mean");
+  check_vector(var, C, x, "var");
+  if (residual.has_value()) check_like(*residual, x, "residual");
+}
+
 // y of bn_act_forward from its own statistics: the same coefficients (bn_coef on the same fp32
 // mean and var) and the same elementwise kernel, so the result is identical bit for bit.
 Tensor bn_act_apply(const Tensor& x_, const Tensor& weight, const Tensor& bias,
                     const c10::optional<Tensor>& residual, const Tensor& mean_, const Tensor& var_,
                     double eps, c10::string_view act, double act_param) {
-  check_activation(x_, "x");
-  const int64_t C = x_.size(1);
-  check_vector(weight, C, x_, "weight");
-  check_vector(bias, C, x_, "bias");
-  check_vector(mean_, C, x_, "mean");
-  check_vector(var_, C, x_, "var");
-  if (residual.has_value()) check_like(*residual, x_, "residual");
+  check_bn_stats_args(x_, weight, bias, residual, mean_, var_);
   const Act a = parse_act(std::string(act));
   c10::OptionalDeviceGuard guard(at::device_of(x_));
   const auto fmt = kernel_format(x_);
@@ -128,14 +135,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
     const Tensor& gy_, const Tensor& x_, const Tensor& weight, const Tensor& bias,
     const c10::optional<Tensor>& residual, const Tensor& mean_, const Tensor& var_, double eps,
     c10::string_view act, double act_param) {
-  check_activation(x_, "x");
+  check_bn_stats_args(x_, weight, bias, residual, mean_, var_);
   check_like(gy_, x_, "grad_y");
-  const int64_t C = x_.size(1);
-  check_vector(weight, C, x_, "weight");
-  check_vector(bias, C, x_, "bias");
-  check_vector(mean_, C, x_, "mean");
-  check_vector(var_, C, x_, "var");
-  if (residual.has_value()) check_like(*residual, x_, "residual");
   const Act a = parse_act(std::string(act));
   c10::OptionalDeviceGuard guard(at::device_of(x_));
   const auto fmt = kernel_format(x_);
