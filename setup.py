@@ -288,7 +288,9 @@ def extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(torch)
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("WITH_CUDA", None))
-        define_macros += built_arch_macros()
+        # C++ only: nvcc splits -D values at commas (-DX=75,80 -> -DX=75 -D80), and only
+        # csrc/fastcnn.cpp reads these
+        extra["cxx"] += [f"-D{name}={value}" for name, value in built_arch_macros()]
         include_dirs += pip_cuda_include_dirs()
         extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo",
                          "--expt-relaxed-constexpr"]
