@@ -116,6 +116,14 @@ def commands(group):
     return sorted({r.get("command", "") for r in group if r.get("command")})
 
 
+def grouped(results, *keys):
+    """``(key values, results)`` pairs, sorted, of the results grouped by ``keys``."""
+    groups = defaultdict(list)
+    for r in results:
+        groups[tuple(r[k] for k in keys)].append(r)
+    return sorted(groups.items())
+
+
 # --------------------------------------------------------------------------- model section
 
 def model_tables(results):
@@ -123,10 +131,7 @@ def model_tables(results):
     if not results:
         return "No whole-model benchmark run recorded yet (`pytest --benchmark-only bench/bench_models.py`).\n"
     out = []
-    by_group = defaultdict(list)
-    for r in results:
-        by_group[(r["device"], r["dtype"])].append(r)
-    for (device, dtype), group in sorted(by_group.items()):
+    for (device, dtype), group in grouped(results, "device", "dtype"):
         out.append(f"#### {device}, {dtype}\n")
         out.append(f"Measured: {stamp(group)}. Command: " + "; ".join(f"`{c}`" for c in commands(group)) + "\n")
         for workload, title in (("train", "Training step (forward, backward, SGD-momentum)"),
@@ -217,10 +222,7 @@ def host_table(results):
     if not results:
         return "No host-overhead run recorded yet (`pytest --benchmark-only bench/bench_host_overhead.py`).\n"
     out = []
-    by_device = defaultdict(list)
-    for r in results:
-        by_device[r["device"]].append(r)
-    for device, group in sorted(by_device.items()):
+    for (device,), group in grouped(results, "device"):
         variants = variant_order({r["variant"] for r in group})
         fused = [v for v in variants if v != "eager"]
         table = {(r["layer"], r["mode"], r["variant"]): r for r in group}
@@ -293,10 +295,7 @@ def charts(models, host, training, plots_dir: Path):
         return []
     plots_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    by_group = defaultdict(list)
-    for r in models:
-        by_group[(r["device"], r["dtype"])].append(r)
-    for (device, dtype), group in sorted(by_group.items()):
+    for (device, dtype), group in grouped(models, "device", "dtype"):
         slug = _slug(f"{group[0]['device_type']}-{device}-{dtype}")
         fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
         for ax, workload in zip(axes[:2], ("train", "infer")):
@@ -321,10 +320,7 @@ def charts(models, host, training, plots_dir: Path):
         ax.set_title("peak memory of a training step")
         ax.legend(fontsize=7)
         written.append(_save(fig, group, plots_dir / f"models_{slug}.png"))
-    by_device = defaultdict(list)
-    for r in host:
-        by_device[r["device"]].append(r)
-    for device, group in sorted(by_device.items()):
+    for (device,), group in grouped(host, "device"):
         fig, ax = plt.subplots(figsize=(10, 5))
         eager = {(r["layer"], r["mode"]): r["per_call_us"] for r in group if r["variant"] == "eager"}
         keys = sorted(eager)
@@ -406,10 +402,7 @@ def summary(models, host, training):
     if not gpu:
         lines.append("- **GPU: no figures yet.** No kernel of this project has run on a GPU; "
                      "`bash bench/gpu_check.sh OUT` produces them on one.")
-    by_group = defaultdict(list)
-    for r in models:
-        by_group[(r["device"], r["dtype"])].append(r)
-    for (device, dtype), group in sorted(by_group.items()):
+    for (device, dtype), group in grouped(models, "device", "dtype"):
         for workload in ("train", "infer"):
             rows = [r for r in group if r["workload"] == workload]
             eager = {r["model"]: r for r in rows if r["variant"] == "eager"}
@@ -427,10 +420,7 @@ def summary(models, host, training):
                 models_list = ", ".join(sorted(eager))
                 lines.append(f"- {device}, {dtype}, {'training step' if workload == 'train' else 'inference'} "
                              f"({models_list}), geometric mean over eager: " + "; ".join(parts) + ".")
-    by_device = defaultdict(list)
-    for r in host:
-        by_device[r["device"]].append(r)
-    for device, group in sorted(by_device.items()):
+    for (device,), group in grouped(host, "device"):
         eager = {(r["layer"], r["mode"]): r["per_call_us"] for r in group if r["variant"] == "eager"}
         for v in variant_order({r["variant"] for r in group}):
             if v == "eager":

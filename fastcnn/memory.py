@@ -213,6 +213,25 @@ class PeakModel:
         return max(0, int((budget - self.fixed) // self.per_image))
 
 
+def probe_batch(batch: int, input_size, num_classes: int, device="cpu", channels_last: bool = False):
+    """A seeded random ``(x, y)`` batch for measuring a step."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *input_size, generator=gen).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, num_classes, (batch,), generator=gen).to(device)
+
+
+def fit_line(peak_at, probes: tuple[int, int] = (8, 16), min_per_image: float | None = None) -> PeakModel:
+    """:class:`PeakModel` through ``peak_at(batch)`` measured at the two ``probes`` batches
+    (the slope floored at ``min_per_image`` if given)."""
+    (b1, b2), p1 = probes, peak_at(probes[0])
+    per_image = (peak_at(b2) - p1) / (b2 - b1)
+    if min_per_image is not None:
+        per_image = max(min_per_image, per_image)
+    return PeakModel(fixed=p1 - per_image * b1, per_image=per_image)
+
+
 def fit_peak(name: str, fused: bool, backend: str = "auto", device: str = "cpu",
              amp_dtype: torch.dtype | None = None, probes: tuple[int, int] = (8, 16)) -> PeakModel:
     """Measure a training step of zoo model ``name`` at the two ``probes`` batch sizes and
@@ -223,19 +242,15 @@ def fit_peak(name: str, fused: bool, backend: str = "auto", device: str = "cpu",
     from .registry import create_model, model_info
 
     info = model_info(name)
-    peaks = []
-    for batch in probes:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, *info.input_size, generator=gen).to(device)
-        y = torch.randint(0, info.num_classes, (batch,), generator=gen).to(device)
+
+    def peak_at(batch):
+        x, y = probe_batch(batch, info.input_size, info.num_classes, device)
         torch.manual_seed(0)
         model = create_model(name, fused=fused).to(device)
         with use_backend(backend):
-            peaks.append(measure_step(model, x, y, amp_dtype=amp_dtype).peak)
-        del model
-    b1, b2 = probes
-    per_image = (peaks[1] - peaks[0]) / (b2 - b1)
-    return PeakModel(fixed=peaks[0] - per_image * b1, per_image=per_image)
+            return measure_step(model, x, y, amp_dtype=amp_dtype).peak
+
+    return fit_line(peak_at, probes)
 
 
 #: What a GPU's own memory holds that the allocator does not report: the CUDA context

@@ -27,11 +27,10 @@ import functools
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .memory import MemoryTracker, MiB, PeakModel
+from .memory import MiB, PeakModel, fit_line, measure_step, probe_batch
 
 _BN = nn.modules.batchnorm._BatchNorm
 _WRAPPED = "_fastcnn_checkpointed"
@@ -110,46 +109,21 @@ class MemoryPlan:
                 f"of a {self.budget / MiB:,.0f} MiB budget")
 
 
-def _measure(model: nn.Module, make_optimizer, x: torch.Tensor, y: torch.Tensor, amp_dtype) -> int:
-    """Peak of a steady-state step (optimizer state already created by a first step)."""
-    opt = make_optimizer(model)
-
-    def step():
-        with torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step()
-    opt.zero_grad(set_to_none=True)
-    with MemoryTracker(x.device) as mt:
-        mt.track(model, opt, x, y)
-        mt.reset_peak()
-        step()
-        opt.zero_grad(set_to_none=True)
-    return mt.peak
-
-
 def fit(model: nn.Module, make_optimizer, input_size, num_classes: int, device, amp_dtype=None,
         recompute: bool = False, probes=(8, 16), channels_last: bool = False) -> PeakModel:
-    """Fit the peak of a training step of a copy of ``model`` (and a fresh optimizer made by
-    ``make_optimizer(model)``), as a line in the batch size, on ``device``."""
-    peaks = []
-    for batch in probes:
+    """Fit the peak of a steady-state training step (optimizer state created by a first,
+    unmeasured step) of a copy of ``model`` and a fresh optimizer made by
+    ``make_optimizer(model)``, as a line in the batch size, on ``device``."""
+    def peak_at(batch):
         probe = copy.deepcopy(model).train()
         if recompute:
             enable_recomputation(probe)
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, *input_size, generator=gen).to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
-        peaks.append(_measure(probe, make_optimizer, x, y, amp_dtype))
-        del probe, x, y
-    b1, b2 = probes
-    per_image = max(1.0, (peaks[1] - peaks[0]) / (b2 - b1))
-    return PeakModel(fixed=peaks[0] - per_image * b1, per_image=per_image)
+        x, y = probe_batch(batch, input_size, num_classes, device, channels_last)
+        opt = make_optimizer(probe)
+        measure_step(probe, x, y, opt, amp_dtype)
+        return measure_step(probe, x, y, opt, amp_dtype).peak
+
+    return fit_line(peak_at, probes, min_per_image=1.0)
 
 
 def plan(model: nn.Module, make_optimizer, batch: int, budget: int, input_size, num_classes: int,
