@@ -1,12 +1,8 @@
-"""Test-wide setup. Without a GPU, Triton kernels run in the interpreter: the variable must
-be set before Triton compiles anything, so it is set here, before any test module imports."""
-import os
-
+"""Test-wide setup: GPU-only tests skip without a GPU; a fixed seed per test. (Without a GPU,
+Triton runs in its interpreter: the repository's root conftest.py sets TRITON_INTERPRET=1
+before anything imports Triton.)"""
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
