@@ -213,7 +213,7 @@ def pip_cuda_include_dirs() -> list[str]:
 
 
 # per-file flags of the AVX2 CPU kernels (ATen's own AVX2 flags and capability macros)
-AVX2_SOURCES = "csrc/cpu/avx2/*.cpp"
+AVX2_SOURCES = "csrc/**/avx2/*.cpp"
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 
@@ -277,7 +277,10 @@ def extensions():
     torch = import_torch()
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # every C++ source under csrc/ (per-op folders with their cpu/ and cuda/ parts), the AVX2
+    # copies apart (compiled with their own flags below)
+    avx2_all = set(glob.glob(AVX2_SOURCES, recursive=True))
+    sources = sorted(s for s in glob.glob("csrc/**/*.cpp", recursive=True) if s not in avx2_all)
     # torch's build helper picks the C++ standard; ATen's vec headers carry nvcc-only `#pragma unroll`
     extra = {"cxx": ["-O3", "-Wno-unknown-pragmas"]}
     omp_compile, omp_link = openmp_flags(torch)
@@ -286,7 +289,7 @@ def extensions():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda(torch):
         os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list(torch)
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
         define_macros.append(("WITH_CUDA", None))
         # C++ only: nvcc splits -D values at commas (-DX=75,80 -> -DX=75 -D80), and only
         # csrc/fastcnn.cpp reads these
@@ -297,7 +300,7 @@ def extensions():
         ext_cls = CUDAExtension
     else:
         ext_cls = CppExtension
-    avx2_sources = sorted(glob.glob(AVX2_SOURCES)) if want_avx2() else []
+    avx2_sources = sorted(avx2_all) if want_avx2() else []
     if avx2_sources:
         define_macros.append(("FASTCNN_CPU_AVX2", None))
     ext = ext_cls("fastcnn._C", sources + avx2_sources, include_dirs=include_dirs,
