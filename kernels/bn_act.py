@@ -18,9 +18,11 @@ channels (BLOCK_M x BLOCK_C, channels contiguous).
 * **Apply**: ``_bn_apply_kernel`` writes ``y = act(x*scale + shift [+ residual])``.
 * **Saved for backward**: the BN input (NHWC, its own dtype), per-channel mean and invstd
   (fp32), and a reference to the residual only when a non-identity activation follows it.
-  The normalised and activated values are recomputed. In training the output is marked
-  rebuildable (:mod:`fastcnn.recompute`), so the conv that consumes it inside a fused model
-  keeps a recipe instead of a second activation.
+  The normalised and activated values are recomputed. In training the forward hands its
+  caller a recipe that rebuilds the output bit for bit (``bn_apply`` on the same input,
+  scale/shift and residual; ``rebuild=`` of :func:`bn_act`): the ops layer marks the output
+  rebuildable with it (:mod:`fastcnn.recompute`), so the conv that consumes it inside a
+  fused model keeps a recipe instead of a second activation.
 * **Backward**, one reduction pass then one elementwise pass:
   ``_bn_bwd_reduce_kernel`` recomputes ``v = xhat*gamma + beta [+ r]`` and
   ``du = dy * act'(v)`` and reduces per-channel ``sum(du)`` and ``sum(du*xhat)`` (fp32
@@ -37,7 +39,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..recompute import mark_rebuildable
 from .activations import act_code, act_grad, apply_act
 from .utils import from_nhwc, interpreting, nchw_output, pow2, rebuild_nchw_res, to_nhwc
 
@@ -310,9 +311,8 @@ def bn_act_backward(dyh, xh, mean, invstd, bn_weight, bn_bias, rh, act, act_para
 
 class _BnActFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, residual, cfg):
-        # records: grad mode was on at the call (inside Function.forward it is always off)
-        training, momentum, eps, act, act_param, records = cfg
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, residual, cfg, rebuild):
+        training, momentum, eps, act, act_param = cfg
         xh = to_nhwc(x)
         rh = to_nhwc(residual)
         c = xh.shape[-1]
@@ -327,10 +327,10 @@ class _BnActFn(torch.autograd.Function):
                                                  running_var, training=training, momentum=momentum,
                                                  eps=eps, device=x.device)
         y = nchw_output(bn_apply(xh, scale, shift, rh, act, act_param))
-        if training and records and any(ctx.needs_input_grad[:6]):
-            # consumers (the conv of a pre-activation unit) keep a recipe, not y; xh and the
-            # residual are held as their own recipes where they have one (fastcnn.recompute)
-            mark_rebuildable(y, rebuild_nchw_res, bn_apply, xh, (scale, shift), residual, act, act_param)
+        if training and rebuild is not None:
+            # the recipe of y for the caller (fastcnn.recompute): the same apply launch on the
+            # same input, scale/shift and residual rebuilds it bit for bit
+            rebuild.extend((rebuild_nchw_res, bn_apply, xh, (scale, shift), residual, act, act_param))
         ctx.cfg = cfg
         ctx.save_for_backward(xh, mean, invstd, bn_weight, bn_bias,
                               rh if act != "identity" else None)
@@ -339,7 +339,7 @@ class _BnActFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xh, mean, invstd, bn_weight, bn_bias, rh = ctx.saved_tensors
-        training, _, _, act, act_param, _ = ctx.cfg
+        training, _, _, act, act_param = ctx.cfg
         need_x, need_w, need_b, _, _, need_r = ctx.needs_input_grad[:6]
         dyh = to_nhwc(dy.to(xh.dtype))
         dx, s_du, s_dux, dres = bn_act_backward(dyh, xh, mean, invstd, bn_weight, bn_bias, rh, act,
@@ -350,12 +350,13 @@ class _BnActFn(torch.autograd.Function):
                 s_du.to(bn_bias.dtype) if need_b else None,
                 None, None,
                 from_nhwc(dres) if dres is not None else None,
-                None)
+                None, None)
 
 
 def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, momentum=0.1,
-           eps=1e-5, act="relu", act_param=0.0, residual=None):
-    """Same signature and result as :func:`fastcnn.ops.reference.bn_act`."""
+           eps=1e-5, act="relu", act_param=0.0, residual=None, rebuild=None):
+    """Same signature and result as :func:`fastcnn.ops.reference.bn_act`. ``rebuild``: a list
+    that, in training, receives ``(fn, *args)`` with ``fn(*args)`` recomputing the output bit
+    for bit (for :func:`fastcnn.recompute.mark_rebuildable`, which the ops layer calls)."""
     return _BnActFn.apply(x, bn_weight, bn_bias, running_mean, running_var, residual,
-                          (bool(training), float(momentum), float(eps), act, float(act_param),
-                           torch.is_grad_enabled()))
+                          (bool(training), float(momentum), float(eps), act, float(act_param)), rebuild)

@@ -16,9 +16,10 @@ Design
 * **Saved for backward**: ``x`` (NHWC; a view when the input is channels_last), the weight,
   ``z`` in the compute dtype, fp32 per-channel mean / invstd, and a reference to the
   residual only when a non-identity activation follows it. The normalised and activated
-  values are never stored. In training the output ``y`` is marked as rebuildable from
-  ``z``/scale/shift and the residual (:mod:`fastcnn.recompute`; the residual held as its own
-  recipe where it has one): inside a fused model the next
+  values are never stored. In training the forward hands its caller a recipe that rebuilds
+  ``y`` from ``z``/scale/shift and the residual (``rebuild=``); the ops layer marks ``y``
+  rebuildable with it (:mod:`fastcnn.recompute`; the residual held as its own recipe where
+  it has one): inside a fused model the next
   layer's saved ``x`` is then a recipe, not a tensor, so a chain of these layers keeps one
   activation (``z``) per layer; ``y`` is rebuilt by the same ``bn_apply`` launch in backward.
   (The alternative -- applying the previous layer's BN+act in this conv's A-tile prologue --
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import torch
 
-from ..recompute import mark_rebuildable
 from .bn_act import bn_act_backward, bn_apply, bn_finalize, check_batch
 from .conv_gemm import conv_dgrad, conv_fwd, conv_geom, conv_wgrad
 from .utils import from_nhwc, nchw_output, rebuild_nchw_res, to_nhwc
@@ -42,14 +42,14 @@ from .utils import from_nhwc, nchw_output, rebuild_nchw_res, to_nhwc
 
 class _ConvBnActFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, cfg):
-        stride, padding, dilation, groups, training, momentum, eps, act, act_param, records = cfg
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, cfg, rebuild):
+        stride, padding, dilation, groups, training, momentum, eps, act, act_param = cfg
         gm = conv_geom(x.shape, weight.shape, stride, padding, dilation, groups)
         check_batch(gm.m, gm.cout, training)
         xh = to_nhwc(x)
         rh = to_nhwc(residual)
-        # autograd runs forward with grad mode off; the wrapper tells whether it records
-        need_grad = records and any(ctx.needs_input_grad[:8])
+        # autograd runs forward with grad mode off; needs_input_grad tells whether it records
+        need_grad = any(ctx.needs_input_grad[:8])
         if training:
             out = conv_fwd(xh, weight, bias, gm, store_y=False, stats=True)
             z = out.z
@@ -57,8 +57,8 @@ class _ConvBnActFn(torch.autograd.Function):
                 out.pmean, out.pm2, out.block_m, gm.m, bn_weight, bn_bias, running_mean, running_var,
                 training=True, momentum=momentum, eps=eps, device=x.device)
             y = nchw_output(bn_apply(z, scale, shift, rh, act, act_param))
-            if need_grad:  # consumers keep a recipe, not y (fastcnn.recompute)
-                mark_rebuildable(y, rebuild_nchw_res, bn_apply, z, (scale, shift), residual, act, act_param)
+            if rebuild is not None:  # consumers keep a recipe, not y (fastcnn.recompute)
+                rebuild.extend((rebuild_nchw_res, bn_apply, z, (scale, shift), residual, act, act_param))
         else:
             out = conv_fwd(xh, weight, bias, gm, residual=rh, act=act, act_param=act_param,
                            bn_eval=(running_mean, running_var, bn_weight, bn_bias, eps), store_z=need_grad)
@@ -76,7 +76,7 @@ class _ConvBnActFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xh, weight, z, mean, invstd, bn_weight, bn_bias, rh = ctx.saved_tensors
-        _, _, _, _, training, _, _, act, act_param, _ = ctx.cfg
+        _, _, _, _, training, _, _, act, act_param = ctx.cfg
         gm = ctx.geom
         need_x, need_w, need_b, need_g, need_beta, _, _, need_r = ctx.needs_input_grad[:8]
         dyh = to_nhwc(dy.to(xh.dtype))
@@ -94,13 +94,16 @@ class _ConvBnActFn(torch.autograd.Function):
                 s_du.to(bn_bias.dtype) if need_beta else None,
                 None, None,
                 from_nhwc(dres) if dres is not None else None,
-                None)
+                None, None)
 
 
 def conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *,
                 stride=1, padding=0, dilation=1, groups=1, training=True, momentum=0.1,
-                eps=1e-5, act="relu", act_param=0.0, residual=None):
-    """Same signature and result as :func:`fastcnn.ops.reference.conv_bn_act`."""
+                eps=1e-5, act="relu", act_param=0.0, residual=None, rebuild=None):
+    """Same signature and result as :func:`fastcnn.ops.reference.conv_bn_act`. ``rebuild``: a
+    list that, in training, receives ``(fn, *args)`` with ``fn(*args)`` recomputing the output
+    bit for bit (for :func:`fastcnn.recompute.mark_rebuildable`, which the ops layer calls)."""
     cfg = (tuple(stride), tuple(padding), tuple(dilation), int(groups), bool(training), float(momentum),
-           float(eps), act, float(act_param), torch.is_grad_enabled())
-    return _ConvBnActFn.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, cfg)
+           float(eps), act, float(act_param))
+    return _ConvBnActFn.apply(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, cfg,
+                              rebuild)

@@ -12,7 +12,8 @@ Design
   ``y = act(x * g[n, c] [+ residual])``, elementwise over (rows, channel blocks).
 * **Saved for backward**: ``x`` (NHWC), the small fp32 vectors ``s``, ``h``, ``g``, the FC
   weights, and a reference to the residual only when a non-identity activation follows it.
-  In training the output is marked rebuildable from ``x``, ``g`` and the residual
+  The forward hands its caller a recipe that rebuilds the output from ``x``, ``g`` and the
+  residual (``rebuild=``); the ops layer marks the output rebuildable with it
   (:mod:`fastcnn.recompute`), so the next block keeps a recipe, not a second activation.
 * **Backward**: (1) ``_se_bwd_reduce_kernel`` recomputes ``du = dy * act'(x*g + r)``, writes
   ``dresidual = du`` if wanted and reduces ``dg[n, c] = sum_hw du*x``; (2)
@@ -29,7 +30,6 @@ import triton
 import triton.language as tl
 
 from .activations import act_code, act_grad, apply_act
-from ..recompute import mark_rebuildable
 from .utils import from_nhwc, interpreting, nchw_output, pow2, rebuild_nchw_res, to_nhwc
 
 
@@ -210,8 +210,8 @@ def _se_apply(xh, g, rh, act, act_param):
 
 class _SeBlockFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, residual, cfg):
-        act, act_param, records = cfg
+    def forward(ctx, x, w1, b1, w2, b2, residual, cfg, rebuild):
+        act, act_param = cfg
         n, c, hh, ww = x.shape
         hw, hid = hh * ww, w1.shape[0]
         xh = to_nhwc(x)
@@ -227,10 +227,10 @@ class _SeBlockFn(torch.autograd.Function):
                             c, hid, HAS_B1=b1 is not None, HAS_B2=b2 is not None,
                             BLOCK_H=bh, BLOCK_C=pow2(c, 16, max(16, 4096 // bh)))
         y = nchw_output(_se_apply(xh, g, rh, act, act_param))
-        if records and any(ctx.needs_input_grad[:6]):
+        if rebuild is not None:
             # the block output is rebuilt from x (a recipe itself in a fused SE-ResNeXt), the
             # gate and the residual by the same apply launch (fastcnn.recompute)
-            mark_rebuildable(y, rebuild_nchw_res, _se_apply, xh, (g,), residual, act, act_param)
+            rebuild.extend((rebuild_nchw_res, _se_apply, xh, (g,), residual, act, act_param))
         ctx.cfg = cfg
         ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
         ctx.save_for_backward(xh, s, h, g, w1, w2, rh if act != "identity" else None)
@@ -239,7 +239,7 @@ class _SeBlockFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xh, s, h, g, w1, w2, rh = ctx.saved_tensors
-        act, act_param, _ = ctx.cfg
+        act, act_param = ctx.cfg
         n, hh, ww, c = xh.shape
         hw, hid = hh * ww, w1.shape[0]
         need_x, need_w1, need_b1, need_w2, need_b2, need_r = ctx.needs_input_grad[:6]
@@ -270,10 +270,13 @@ class _SeBlockFn(torch.autograd.Function):
         db1 = dh.sum(0).to(b1_dt) if need_b1 else None
         dw2 = (dl2.t() @ h).to(w2.dtype) if need_w2 else None
         db2 = dl2.sum(0).to(b2_dt) if need_b2 else None
-        return dx, dw1, db1, dw2, db2, (from_nhwc(dres) if need_r else None), None
+        return dx, dw1, db1, dw2, db2, (from_nhwc(dres) if need_r else None), None, None
 
 
-def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, act="relu", act_param=0.0):
-    """Same signature and result as :func:`fastcnn.ops.reference.se_block`."""
+def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, act="relu", act_param=0.0,
+             rebuild=None):
+    """Same signature and result as :func:`fastcnn.ops.reference.se_block`. ``rebuild``: a list
+    that receives ``(fn, *args)`` with ``fn(*args)`` recomputing the output bit for bit (for
+    :func:`fastcnn.recompute.mark_rebuildable`, which the ops layer calls)."""
     return _SeBlockFn.apply(x, fc1_weight.contiguous(), fc1_bias, fc2_weight.contiguous(), fc2_bias,
-                            residual, (act, float(act_param), torch.is_grad_enabled()))
+                            residual, (act, float(act_param)), rebuild)

@@ -6,7 +6,15 @@ Device: a Triton kernel launches on the *current* CUDA device, whatever device i
 live on (the extension's ops have device guards; Triton's launcher has none). Each op here
 therefore runs its forward under ``torch.cuda.device(x.device)`` when ``x`` is on another
 GPU than the current one; the backward needs no guard, since autograd's engine runs each
-backward on a thread whose current device is that of the op's tensors."""
+backward on a thread whose current device is that of the op's tensors.
+
+Rebuildable outputs: marking an output for :mod:`fastcnn.recompute` is this layer's job
+(``fastcnn.kernels`` imports nothing from the rest of the package). While the recompute
+hooks are active, ``bn_act``, ``conv_bn_act`` and ``se_block`` ask their kernels for the recipe
+of the output (``rebuild=``: the apply launch and its inputs, which recompute it bit for bit)
+and mark the output with :func:`fastcnn.recompute.mark_rebuildable` when it requires grad --
+as :mod:`fastcnn.ops.extension_backend` does for the extension's ops. ``conv_act`` marks
+nothing (its backward keeps what it needs, see ``kernels/conv_act.py``)."""
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +22,8 @@ import importlib
 import os
 
 import torch
+
+from ..recompute import active as _rebuild_active, mark_rebuildable
 
 #: op name -> module of ``fastcnn.kernels`` that implements it (a function of the same name)
 KERNEL_MODULES: dict[str, str] = {
@@ -67,12 +77,24 @@ def _run(op, x, *args, **kwargs):
         return _impl(op)(x, *args, **kwargs)
 
 
+def _run_marked(op, x, args, kwargs):
+    """``_run``, and while the recompute hooks are active, the output marked rebuildable with
+    the recipe the kernels hand back (only filled when a recipe applies, e.g. in training)."""
+    if not _rebuild_active():
+        return _run(op, x, *args, **kwargs)
+    recipe = []
+    y = _run(op, x, *args, rebuild=recipe, **kwargs)
+    if recipe and y.requires_grad:
+        mark_rebuildable(y, *recipe)
+    return y
+
+
 def conv_bn_act(x, *args, **kwargs):
-    return _run("conv_bn_act", x, *args, **kwargs)
+    return _run_marked("conv_bn_act", x, args, kwargs)
 
 
 def bn_act(x, *args, **kwargs):
-    return _run("bn_act", x, *args, **kwargs)
+    return _run_marked("bn_act", x, args, kwargs)
 
 
 def conv_act(x, *args, **kwargs):
@@ -80,4 +102,4 @@ def conv_act(x, *args, **kwargs):
 
 
 def se_block(x, *args, **kwargs):
-    return _run("se_block", x, *args, **kwargs)
+    return _run_marked("se_block", x, args, kwargs)
