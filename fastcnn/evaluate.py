@@ -16,6 +16,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from .cli import OneLineParser, prog_name, resolve_device
+
 
 @torch.no_grad()
 def evaluate(model, loader, num_classes: int, *, amp_dtype=None, tta: bool = False,
@@ -91,9 +93,7 @@ def build_from_checkpoint(state: dict, device, fused: bool | None = None):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .train import OneLineParser
-
-    p = OneLineParser(prog="python -m fastcnn.evaluate",
+    p = OneLineParser(prog=prog_name("python -m fastcnn.evaluate"),
                       description="Evaluate a fastcnn checkpoint on its dataset's test split.")
     p.add_argument("checkpoint", help="a checkpoint written by fastcnn.train (checkpoint_best.pt / _last.pt)")
     p.add_argument("--data-dir", help="data root (default: the one recorded, else $FASTCNN_DATA)")
@@ -109,7 +109,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from . import checkpoint as ckpt
     from .data import DatasetError, GpuLoader, load_dataset
-    from .train import resolve_device
 
     args = _parser().parse_args(argv)
     try:

@@ -22,6 +22,7 @@ import sys
 import torch
 from torch import nn
 
+from .cli import OneLineParser, prog_name
 from .layers import ConvBnAct, set_fused
 
 
@@ -105,9 +106,8 @@ def export_onnx(model: nn.Module, input_size, path: str, opset: int = 18) -> str
 def main(argv=None) -> int:
     from . import checkpoint as ckpt
     from .evaluate import build_from_checkpoint
-    from .train import OneLineParser
 
-    p = OneLineParser(prog="python -m fastcnn.export",
+    p = OneLineParser(prog=prog_name("python -m fastcnn.export"),
                       description="Export a trained checkpoint for inference, BatchNorm folded into convs.")
     p.add_argument("checkpoint")
     p.add_argument("--onnx", nargs="?", const="", metavar="OUT",
