@@ -312,26 +312,5 @@ def extensions():
 
 ext_modules, cmdclass = extensions()
 
-setup(
-    name="fastcnn",
-    version="0.1.0",
-    description="Classic CIFAR-class CNNs with fused Triton and C++/CUDA kernels",
-    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=["fastcnn", "fastcnn.layers", "fastcnn.models", "fastcnn.ops", "fastcnn.data",
-              "fastcnn.kernels"],
-    package_dir={"fastcnn.kernels": "kernels"},
-    install_requires=["torch>=2.11", "numpy"],
-    extras_require={
-        "triton": ["triton>=3.6"],
-        # the test set runs every optional path too: SVHN (.mat via scipy), ONNX export, plots
-        "test": ["pytest", "pytest-benchmark", "pillow", "triton>=3.6", "scipy", "matplotlib",
-                 "onnx", "onnxscript"],
-        "train": ["matplotlib", "scipy"],
-        "export": ["onnx", "onnxscript"],
-        "tensorboard": ["tensorboard"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+# the package's metadata (name, version, dependencies, console scripts) is in pyproject.toml
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import memory, memory_plan
-from .backend import BackendUnavailableError
+from . import BackendUnavailableError
 # the command line; re-exported here for the callers that have always imported them from fastcnn.train
 from .cli import (FROZEN_ON_RESUME, OPTIMIZERS, OneLineParser, UsageError, _amp_dtype,  # noqa: F401
                   _check_recipe, _native_bf16, _tuple_if_list, build_parser, keep_resumed_settings,

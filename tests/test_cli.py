@@ -142,3 +142,84 @@ def test_memory_report_compares_peak_and_kept_bytes():
 ])
 def test_memory_report_bad_arguments(args, needles):
     one_error_line(run(*args, module="fastcnn.memory"), 2, *needles)
+
+
+# --------------------------------------------------------------------------- packaging: console scripts, version
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pyproject() -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def test_console_scripts_resolve_to_callables():
+    import importlib
+
+    scripts = _pyproject()["project"]["scripts"]
+    assert {"fastcnn-train", "fastcnn-eval", "fastcnn-export", "fastcnn-info", "fastcnn-memory"} <= set(scripts)
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        fn = importlib.import_module(module)
+        for part in attr.split("."):
+            fn = getattr(fn, part)
+        assert callable(fn), (name, target)
+    # every `python -m fastcnn.X` tool with a main() has its script
+    targets = {t.partition(":")[0] for t in scripts.values()}
+    pkg = os.path.join(REPO, "fastcnn")
+    for f in sorted(os.listdir(pkg)):
+        if f.endswith(".py") and "\ndef main(" in open(os.path.join(pkg, f)).read():
+            assert f"fastcnn.{f[:-3]}" in targets, f"fastcnn/{f} has a main() but no console script"
+
+
+def test_console_script_names_itself(monkeypatch, capsys):
+    from fastcnn.cli import build_parser, info_main
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/fastcnn-train", "--help"])
+    assert build_parser().prog == "fastcnn-train"
+    monkeypatch.setattr(sys, "argv", ["/repo/fastcnn/train.py"])
+    assert build_parser().prog == "python -m fastcnn.train"
+    assert info_main([]) == 0  # a console script's exit status: 0, not the dict info() returns
+    assert "torch" in capsys.readouterr().out
+
+
+def test_version_is_written_in_one_place():
+    """``fastcnn/__init__.py`` holds the version as a plain string (setuptools reads it there
+    without importing the package); pyproject.toml and setup.py only point at it."""
+    import ast
+
+    import fastcnn
+
+    project = _pyproject()["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert _pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fastcnn.__version__"}
+    assert "version=" not in open(os.path.join(REPO, "setup.py")).read().replace(" ", "")
+    tree = ast.parse(open(os.path.join(REPO, "fastcnn", "__init__.py")).read())
+    found = [n.value.value for n in tree.body if isinstance(n, ast.Assign)
+             and any(isinstance(t, ast.Name) and t.id == "__version__" for t in n.targets)
+             and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)]
+    assert found == [fastcnn.__version__]
+    init = os.path.join(REPO, "fastcnn", "__init__.py")
+    for root, _, files in os.walk(os.path.join(REPO, "fastcnn")):
+        for path in (os.path.join(root, f) for f in files if f.endswith(".py")):
+            if path != init:
+                assert "__version__ =" not in open(path).read(), path
+
+
+def test_every_subpackage_is_installed():
+    setup_cfg = _pyproject()["tool"]["setuptools"]
+    listed = set(setup_cfg["packages"])
+    assert setup_cfg["package-dir"] == {"fastcnn.kernels": "kernels"}
+    on_disk = {"fastcnn.kernels"}
+    for root, dirs, files in os.walk(os.path.join(REPO, "fastcnn")):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        if "__init__.py" in files:
+            on_disk.add(os.path.relpath(root, REPO).replace(os.sep, "."))
+    assert listed == on_disk
+    # torch is installed first, by hand (see the comment in pyproject.toml): never a dependency
+    assert not any(d.lower().startswith("torch") for d in _pyproject()["project"]["dependencies"])
