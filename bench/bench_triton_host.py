@@ -62,6 +62,9 @@ class _Props:
     multi_processor_count = 132
 
 
+_MISSING = object()
+
+
 class host_mode:
     """Context: the GPU code path of every op with no-op launches (see the module docstring).
     ``launches`` counts the launches made inside :meth:`counting`."""
@@ -70,8 +73,18 @@ class host_mode:
         self.saved, self.launches, self._count = [], 0, False
 
     def _set(self, obj, attr, value):
-        self.saved.append((obj, attr, obj.__dict__.get(attr, _MISSING) if hasattr(obj, "__dict__") else getattr(obj, attr)))
+        self.saved.append((obj, attr, getattr(obj, attr)))
         setattr(obj, attr, value)
+
+    def _set_dict(self, obj, key, value=_MISSING):
+        """Set (or, with no value, remove) an entry of ``obj.__dict__`` -- what a
+        ``cached_property`` reads first (Triton 3.6 caches ``Autotuner.do_bench`` there)."""
+        d = obj.__dict__
+        self.saved.append((d, key, d.get(key, _MISSING)))
+        if value is _MISSING:
+            d.pop(key, None)
+        else:
+            d[key] = value
 
     def _noop(self, *args, **kwargs):
         if self._count:
@@ -102,23 +115,23 @@ class host_mode:
                 elif isinstance(obj, Autotuner) and id(obj) not in seen:
                     seen.add(id(obj))
                     # the one-off timing of a new key: every config "takes" 1 ms (no GPU here)
-                    self._set(obj, "_do_bench", lambda fn, quantiles=None, **kw: [1.0, 1.0, 1.0])
+                    self._set_dict(obj, "_do_bench", lambda fn, quantiles=None, **kw: [1.0, 1.0, 1.0])
+                    self._set_dict(obj, "do_bench")  # Triton 3.6: a cached_property over _do_bench
                     self._set(obj, "cache_results", False)
                 elif isinstance(obj, KernelInterface) and not isinstance(obj, Autotuner) and id(obj) not in seen:
                     seen.add(id(obj))
-                    self._set(obj, "run", self._noop)
+                    self._set_dict(obj, "run", self._noop)
         return self
 
     def __exit__(self, *exc):
         for obj, attr, value in reversed(self.saved):
-            if value is _MISSING:
-                delattr(obj, attr)
+            if isinstance(obj, dict):
+                obj.pop(attr, None)
+                if value is not _MISSING:
+                    obj[attr] = value
             else:
                 setattr(obj, attr, value)
         self.saved = []
-
-
-_MISSING = object()
 
 
 # --------------------------------------------------------------------------- cases

@@ -3,32 +3,55 @@ BN-ReLU -- plus the BatchNorm pieces that ``conv_bn_act`` reuses.
 
 Design
 ------
-All tensors are viewed as NHWC matrices ``[M = N*H*W, C]``; every kernel tiles rows x
-channels (BLOCK_M x BLOCK_C, channels contiguous).
+Every tensor is a channels_last ``(N, C, H, W)`` tensor, i.e. the NHWC matrix
+``[M = N*H*W, C]`` (see :mod:`.utils`); every kernel tiles rows x channels (BLOCK_M x BLOCK_C,
+channels contiguous).
 
 * **Batch statistics** (training): ``_bn_stats_kernel`` gives each program a slab of
   ``rows_per_tile`` rows and writes the slab's mean and centred sum of squares ``M2``
-  (fp32; within a slab, chunks are merged with Chan's parallel formula). ``conv_bn_act``
-  produces the same per-tile partials in its conv epilogue instead. ``_bn_finalize_kernel``
-  (one program per channel block) merges the partials (Chan again: no ``E[x^2]-E[x]^2``
-  cancellation), writes mean / invstd and the folded per-channel ``scale = gamma*invstd``,
-  ``shift = beta - mean*scale``, and updates ``running_mean`` / ``running_var`` in place
-  exactly as ``nn.BatchNorm2d`` (momentum; unbiased variance ``M2/(M-1)`` for the running
-  var). In eval mode the same kernel folds the running statistics instead.
-* **Apply**: ``_bn_apply_kernel`` writes ``y = act(x*scale + shift [+ residual])``.
-* **Saved for backward**: the BN input (NHWC, its own dtype), per-channel mean and invstd
-  (fp32), and a reference to the residual only when a non-identity activation follows it.
-  The normalised and activated values are recomputed. In training the forward hands its
-  caller a recipe that rebuilds the output bit for bit (``bn_apply`` on the same input,
-  scale/shift and residual; ``rebuild=`` of :func:`bn_act`): the ops layer marks the output
-  rebuildable with it (:mod:`fastcnn.recompute`), so the conv that consumes it inside a
-  fused model keeps a recipe instead of a second activation.
+  (fp32 ``[T, 2, C]`` partials; within a slab, chunks are merged with Chan's parallel
+  formula). ``conv_bn_act`` produces the same per-tile partials in its conv epilogue instead.
+* **Finalize**: ``_bn_finalize_kernel`` (one program per channel block) merges the partials
+  (Chan again: no ``E[x^2]-E[x]^2`` cancellation), writes the per-channel ``[4, C]`` fp32
+  vector block ``stats = (mean, invstd, scale = gamma*invstd, shift = beta - mean*scale)`` and
+  updates ``running_mean`` / ``running_var`` in place exactly as ``nn.BatchNorm2d`` (momentum;
+  unbiased variance ``M2/(M-1)`` for the running var). In eval mode the same kernel folds the
+  running statistics instead. **Many partial rows** (more than :data:`DIRECT_ROWS`: a conv at
+  batch 128 and 32x32 has 1024-2048 tiles) are first reduced in parallel:
+  ``_bn_merge_kernel`` (grid: row groups x channel blocks) merges each group of
+  :data:`MERGE_ROWS` rows into one row with the same Chan formula (same numerics, one more
+  tree level), so the finalize program walks a few dozen rows instead of thousands serially.
+* **Apply**: ``_bn_apply_kernel`` writes ``y = act(x*scale + shift [+ residual])``; in eval
+  mode without autograd it folds the running statistics itself (``BN_EVAL``), so inference is
+  a single launch.
+* **Saved for backward**: the BN input (its own dtype), the ``[4, C]`` stats block, and a
+  reference to the residual only when a non-identity activation follows it. The normalised
+  and activated values are recomputed. In training the forward hands its caller a recipe
+  that rebuilds the output bit for bit (``bn_apply`` on the same input, stats and residual;
+  ``rebuild=`` of :func:`bn_act`): the ops layer marks the output rebuildable with it
+  (:mod:`fastcnn.recompute`), so the conv that consumes it inside a fused model keeps a
+  recipe instead of a second activation.
 * **Backward**, one reduction pass then one elementwise pass:
   ``_bn_bwd_reduce_kernel`` recomputes ``v = xhat*gamma + beta [+ r]`` and
   ``du = dy * act'(v)`` and reduces per-channel ``sum(du)`` and ``sum(du*xhat)`` (fp32
   partials per slab, summed once) -- these are also ``dbeta`` and ``dgamma``;
   ``_bn_bwd_apply_kernel`` writes ``dx = gamma*invstd*(du - (sum(du) + xhat*sum(du*xhat))/M)``
   (eval: ``du*gamma*invstd``) and, if wanted, ``dresidual = du``.
+
+Design notes: launches and passes over memory (``M x C`` tensors; the ``[T, 2, C]`` partials
+and ``[4, C]`` vectors are small)
+--------------------------------------------------------------------------------------------
+* forward, training: 3 launches (4 with more than :data:`DIRECT_ROWS` partial rows) --
+  stats (reads x), [merge], finalize (partials -> stats, running stats), apply (reads x
+  [+ residual], writes y): 2 reads of x, 1 write.
+* forward, eval without autograd: 1 launch -- apply with BN folded in (reads x [+ residual],
+  writes y). Eval with autograd: 2 (finalize from the running stats, apply).
+* backward: 2 launches + 1 ATen ``sum`` of the partials -- reduce (reads dy, x [+ residual]),
+  apply (reads dy, x [+ residual], writes dx [and dresidual]). A rebuilt output (recipe)
+  costs one more apply launch in the consumer's backward.
+* host: per call one stats-partials buffer is *reused* (:func:`~.utils.scratch`: the
+  partials live only between the stats and finalize launches), launch parameters come from a
+  per-shape cache, and the stats block is one ``[4, C]`` allocation passed as one pointer.
 
 No cuDNN / PyTorch normalisation call is used; the only PyTorch compute is the ``sum``
 over the per-slab partials of the backward reduction.
@@ -40,13 +63,18 @@ import triton
 import triton.language as tl
 
 from .activations import act_code, act_grad, apply_act
-from .utils import from_nhwc, interpreting, nchw_output, pow2, rebuild_nchw_res, to_nhwc
+from .utils import PlanCache, as_cl, cdiv, interpreting, num_sms, pow2, rebuild_apply, scratch
+
+#: partial rows the finalize merges itself; above, ``_bn_merge_kernel`` reduces them first
+DIRECT_ROWS = 128
+#: rows each program of ``_bn_merge_kernel`` merges (one tile, no loop)
+MERGE_ROWS = 64
 
 
 # --------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _bn_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, M, C, ROWS,
+def _bn_stats_kernel(x_ptr, part_ptr, M, C, ROWS,
                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -70,14 +98,42 @@ def _bn_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, M, C, ROWS,
         mean_a += delta * (n_b / n)
         m2_a += m2_b + delta * delta * (n_a * n_b / n)
         n_a = n
-    tl.store(pmean_ptr + pid * C + cols, mean_a, mask=c_ok)
-    tl.store(pm2_ptr + pid * C + cols, m2_a, mask=c_ok)
+    # partials laid out [T, 2, C]: the slab's mean, then its centred sum of squares
+    tl.store(part_ptr + (pid * 2) * C + cols, mean_a, mask=c_ok)
+    tl.store(part_ptr + (pid * 2 + 1) * C + cols, m2_a, mask=c_ok)
 
 
 @triton.jit
-def _bn_finalize_kernel(pmean_ptr, pm2_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr,
-                        mean_ptr, invstd_ptr, scale_ptr, shift_ptr,
-                        T, M, C, ROWS, momentum, eps,
+def _merge_tile(part_ptr, t, t_ok, cols, c_ok, M, C, ROWS):
+    """(count, mean, M2) of the partial rows ``t`` (a [BLOCK_T] block; row ``t`` covers values
+    ``[t*ROWS, min(M, (t+1)*ROWS))``) for channels ``cols``, merged with Chan's formula."""
+    cnt = tl.where(t_ok, tl.minimum(M - t * ROWS, ROWS), 0).to(tl.float32)
+    mask = t_ok[:, None] & c_ok[None, :]
+    pm = tl.load(part_ptr + (t * 2)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    p2 = tl.load(part_ptr + (t * 2 + 1)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    n_b = tl.sum(cnt, axis=0)
+    mean_b = tl.sum(cnt[:, None] * pm, axis=0) / n_b
+    dm = pm - mean_b[None, :]
+    return n_b, mean_b, tl.sum(p2 + cnt[:, None] * dm * dm, axis=0)
+
+
+@triton.jit
+def _bn_merge_kernel(part_ptr, T, M, C, ROWS, OUT_OFF,
+                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row ``j`` of the level-2 partials (at ``part_ptr + OUT_OFF``, same ``[T2, 2, C]`` layout,
+    ``BLOCK_T * ROWS`` values per row): partial rows ``[j*BLOCK_T, (j+1)*BLOCK_T)`` merged."""
+    j = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    t = j * BLOCK_T + tl.arange(0, BLOCK_T)
+    _, mean_b, m2_b = _merge_tile(part_ptr, t, t < T, cols, c_ok, M, C, ROWS)
+    tl.store(part_ptr + OUT_OFF + (j * 2) * C + cols, mean_b, mask=c_ok)
+    tl.store(part_ptr + OUT_OFF + (j * 2 + 1) * C + cols, m2_b, mask=c_ok)
+
+
+@triton.jit
+def _bn_finalize_kernel(part_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, stats_ptr, momentum, eps,
+                        P_OFF, T, M, C, ROWS,
                         TRAIN: tl.constexpr, HAS_RUNNING: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -88,15 +144,7 @@ def _bn_finalize_kernel(pmean_ptr, pm2_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr,
         m2_a = tl.zeros((BLOCK_C,), tl.float32)
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
-            t_ok = t < T
-            cnt = tl.where(t_ok, tl.minimum(M - t * ROWS, ROWS), 0).to(tl.float32)
-            mask = t_ok[:, None] & c_ok[None, :]
-            pm = tl.load(pmean_ptr + t[:, None] * C + cols[None, :], mask=mask, other=0.0)
-            p2 = tl.load(pm2_ptr + t[:, None] * C + cols[None, :], mask=mask, other=0.0)
-            n_b = tl.sum(cnt, axis=0)
-            mean_b = tl.sum(cnt[:, None] * pm, axis=0) / n_b
-            dm = pm - mean_b[None, :]
-            m2_b = tl.sum(p2 + cnt[:, None] * dm * dm, axis=0)
+            n_b, mean_b, m2_b = _merge_tile(part_ptr + P_OFF, t, t < T, cols, c_ok, M, C, ROWS)
             n = n_a + n_b
             delta = mean_b - mean_a
             mean_a += delta * (n_b / n)
@@ -118,23 +166,31 @@ def _bn_finalize_kernel(pmean_ptr, pm2_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr,
     gam = tl.load(gamma_ptr + cols, mask=c_ok, other=1.0).to(tl.float32)
     bet = tl.load(beta_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
     scale = gam * invstd
-    tl.store(mean_ptr + cols, mean, mask=c_ok)
-    tl.store(invstd_ptr + cols, invstd, mask=c_ok)
-    tl.store(scale_ptr + cols, scale, mask=c_ok)
-    tl.store(shift_ptr + cols, bet - mean * scale, mask=c_ok)
+    # the [4, C] stats block: mean, invstd, scale, shift
+    tl.store(stats_ptr + cols, mean, mask=c_ok)
+    tl.store(stats_ptr + C + cols, invstd, mask=c_ok)
+    tl.store(stats_ptr + 2 * C + cols, scale, mask=c_ok)
+    tl.store(stats_ptr + 3 * C + cols, bet - mean * scale, mask=c_ok)
 
 
 @triton.jit
-def _bn_apply_kernel(x_ptr, scale_ptr, shift_ptr, res_ptr, y_ptr, M, C, act_param,
-                     ACT: tl.constexpr, HAS_RES: tl.constexpr,
+def _bn_apply_kernel(x_ptr, stats_ptr, res_ptr, y_ptr, rm_ptr, rv_ptr, gamma_ptr, beta_ptr, act_param, eps,
+                     M, C,
+                     ACT: tl.constexpr, HAS_RES: tl.constexpr, BN_EVAL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cols < C
     mask = (rows < M)[:, None] & c_ok[None, :]
     off = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    scale = tl.load(scale_ptr + cols, mask=c_ok, other=0.0)
-    shift = tl.load(shift_ptr + cols, mask=c_ok, other=0.0)
+    if BN_EVAL:  # scale / shift from the running statistics, as the finalize's eval branch
+        invstd = 1.0 / tl.sqrt(tl.load(rv_ptr + cols, mask=c_ok, other=1.0).to(tl.float32) + eps)
+        scale = tl.load(gamma_ptr + cols, mask=c_ok, other=1.0).to(tl.float32) * invstd
+        shift = (tl.load(beta_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
+                 - tl.load(rm_ptr + cols, mask=c_ok, other=0.0).to(tl.float32) * scale)
+    else:
+        scale = tl.load(stats_ptr + 2 * C + cols, mask=c_ok, other=0.0)
+        shift = tl.load(stats_ptr + 3 * C + cols, mask=c_ok, other=0.0)
     v = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
     if HAS_RES:
         v += tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -158,15 +214,15 @@ def _recompute_du(dy_ptr, x_ptr, res_ptr, off, mask, mean, invstd, gam, bet, act
 
 
 @triton.jit
-def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, res_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, part_ptr,
-                          M, C, ROWS, act_param,
+def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, res_ptr, stats_ptr, gamma_ptr, beta_ptr, part_ptr, act_param,
+                          M, C, ROWS,
                           ACT: tl.constexpr, HAS_RES: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cols < C
-    mean = tl.load(mean_ptr + cols, mask=c_ok, other=0.0)
-    invstd = tl.load(invstd_ptr + cols, mask=c_ok, other=0.0)
+    mean = tl.load(stats_ptr + cols, mask=c_ok, other=0.0)
+    invstd = tl.load(stats_ptr + C + cols, mask=c_ok, other=0.0)
     gam = tl.load(gamma_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
     bet = tl.load(beta_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
     s_du = tl.zeros((BLOCK_C,), tl.float32)
@@ -187,51 +243,59 @@ def _bn_bwd_reduce_kernel(dy_ptr, x_ptr, res_ptr, mean_ptr, invstd_ptr, gamma_pt
 
 
 @triton.jit
-def _bn_bwd_apply_kernel(dy_ptr, x_ptr, res_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, sums_ptr,
-                         dx_ptr, dres_ptr, M, C, act_param,
+def _bn_bwd_apply_kernel(dy_ptr, x_ptr, res_ptr, stats_ptr, gamma_ptr, beta_ptr, sums_ptr,
+                         dx_ptr, dres_ptr, act_param, M, C,
                          ACT: tl.constexpr, HAS_RES: tl.constexpr, TRAIN: tl.constexpr,
-                         STORE_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                         STORE_DX: tl.constexpr, STORE_DRES: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cols < C
     mask = (rows < M)[:, None] & c_ok[None, :]
     off = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    mean = tl.load(mean_ptr + cols, mask=c_ok, other=0.0)
-    invstd = tl.load(invstd_ptr + cols, mask=c_ok, other=0.0)
+    mean = tl.load(stats_ptr + cols, mask=c_ok, other=0.0)
+    invstd = tl.load(stats_ptr + C + cols, mask=c_ok, other=0.0)
     gam = tl.load(gamma_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
     bet = tl.load(beta_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
     du, xhat = _recompute_du(dy_ptr, x_ptr, res_ptr, off, mask, mean, invstd, gam, bet, act_param,
                              ACT, HAS_RES)
     if STORE_DRES:
         tl.store(dres_ptr + off, du.to(dres_ptr.dtype.element_ty), mask=mask)
-    k = gam * invstd
-    if TRAIN:
-        s_du = tl.load(sums_ptr + cols, mask=c_ok, other=0.0)
-        s_dux = tl.load(sums_ptr + C + cols, mask=c_ok, other=0.0)
-        dx = (du - (s_du[None, :] + xhat * s_dux[None, :]) / M) * k[None, :]
-    else:
-        dx = du * k[None, :]
-    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if STORE_DX:
+        k = gam * invstd
+        if TRAIN:
+            s_du = tl.load(sums_ptr + cols, mask=c_ok, other=0.0)
+            s_dux = tl.load(sums_ptr + C + cols, mask=c_ok, other=0.0)
+            dx = (du - (s_du[None, :] + xhat * s_dux[None, :]) / M) * k[None, :]
+        else:
+            dx = du * k[None, :]
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers
 
-def _blocks(m, c):
-    bc = pow2(c, 16, 64)
-    bm = pow2(m, 16, (8192 if interpreting() else 4096) // bc)
-    return bm, bc
+_GEO = PlanCache()
 
 
-def _rows_per_tile(m, c, device):
-    """Rows each reduction program owns: few programs under the interpreter; on GPU enough
-    programs (~4 per SM) to fill the machine while keeping the partial buffers small."""
-    bm, bc = _blocks(m, c)
-    if interpreting():
-        return max(bm, triton.cdiv(m, 4)), bm, bc
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    progs = max(1, 4 * sms // triton.cdiv(c, bc))
-    rows = triton.cdiv(triton.cdiv(m, progs), bm) * bm
-    return max(bm, rows), bm, bc
+def _layout(m, c, device):
+    """``(rows per reduction program, BLOCK_M, BLOCK_C, programs T, reduction grid,
+    elementwise grid)`` for an ``[m, c]`` matrix, cached per shape and device. The reductions
+    take few programs under the interpreter; on a GPU enough (~4 per SM) to fill it while
+    keeping the partial buffers small."""
+    interp = interpreting()
+    key = (m, c, device, interp)
+    lay = _GEO.get(key)
+    if lay is None:
+        bc = pow2(c, 16, 64)
+        bm = pow2(m, 16, (8192 if interp else 4096) // bc)
+        if interp:
+            rows = max(bm, cdiv(m, 4))
+        else:
+            progs = max(1, 4 * num_sms(device) // cdiv(c, bc))
+            rows = max(bm, cdiv(cdiv(m, progs), bm) * bm)
+        t = cdiv(m, rows)
+        lay = _GEO.put(key, (rows, bm, bc, t, (t, cdiv(c, bc)), (cdiv(m, bm), cdiv(c, bc))))
+    return lay
 
 
 def check_batch(m: int, c: int, training: bool):
@@ -240,71 +304,94 @@ def check_batch(m: int, c: int, training: bool):
                          f"for each of {c} channels")
 
 
-def bn_stats(xh):
-    """Per-slab (mean, M2) partials of the NHWC matrix ``xh``; returns (pmean, pm2, rows)."""
-    c = xh.shape[-1]
-    m = xh.numel() // c
-    rows, bm, bc = _rows_per_tile(m, c, xh.device)
-    t = triton.cdiv(m, rows)
-    pmean = torch.empty((t, c), device=xh.device, dtype=torch.float32)
-    pm2 = torch.empty_like(pmean)
-    _bn_stats_kernel[(t, triton.cdiv(c, bc))](xh, pmean, pm2, m, c, rows, BLOCK_M=bm, BLOCK_C=bc)
-    return pmean, pm2, rows
+def stats_scratch_numel(rows: int, c: int) -> int:
+    """fp32 elements of a statistics-partials buffer for ``rows`` partial rows of ``c``
+    channels, with room for the merged rows :func:`bn_finalize` may add after them."""
+    return (rows + cdiv(rows, MERGE_ROWS)) * 2 * c
 
 
-def bn_finalize(pmean, pm2, rows, m, bn_weight, bn_bias, running_mean, running_var, *, training,
-                momentum, eps, device):
-    """(mean, invstd, scale, shift), fp32 per channel; updates the running stats in training."""
-    c = bn_weight.numel()
-    mean, invstd, scale, shift = torch.empty((4, c), device=device, dtype=torch.float32)
+def bn_stats(x, m, c):
+    """Per-slab (mean, M2) partials of channels_last ``x`` (``[m, c]``), in a reused scratch
+    buffer; returns (part, rows written, values per row)."""
+    rows, bm, bc, t, grid, _ = _layout(m, c, x.device)
+    part = scratch(stats_scratch_numel(t, c), x.device)
+    _bn_stats_kernel[grid](x, part, m, c, rows, BLOCK_M=bm, BLOCK_C=bc)
+    return part, t, rows
+
+
+_FIN = PlanCache()
+
+
+def bn_finalize(part, t, rows, m, c, bn_weight, bn_bias, running_mean, running_var, *, training,
+                momentum, eps, device) -> torch.Tensor:
+    """The ``[4, C]`` fp32 stats block (mean, invstd, scale, shift) from ``t`` partial rows of
+    ``rows`` values each in ``part`` (training; the buffer needs room for the merged rows, see
+    :func:`stats_scratch_numel`) or from the running statistics (eval); updates the running
+    statistics in training."""
+    stats = torch.empty((4, c), device=device, dtype=torch.float32)
     has_running = running_mean is not None and running_var is not None
-    t = pmean.shape[0] if training else 0
-    bc = pow2(c, 16, 128)
-    dummy = mean
-    _bn_finalize_kernel[(triton.cdiv(c, bc),)](
-        pmean if training else dummy, pm2 if training else dummy, bn_weight, bn_bias,
-        running_mean if has_running else dummy, running_var if has_running else dummy,
-        mean, invstd, scale, shift, t, m, c, rows, float(momentum), float(eps),
-        TRAIN=training, HAS_RUNNING=has_running, BLOCK_T=pow2(t, 16, 64), BLOCK_C=bc)
-    return mean, invstd, scale, shift
+    key = (t, rows, m, c, training, device, interpreting())
+    plan = _FIN.get(key)
+    if plan is None:
+        merge = None
+        p_off, t_fin, rows_fin = 0, t, rows
+        if training and t > DIRECT_ROWS:
+            bcm = pow2(c, 16, 64)
+            p_off, t_fin, rows_fin = t * 2 * c, cdiv(t, MERGE_ROWS), rows * MERGE_ROWS
+            merge = ((t_fin, cdiv(c, bcm)), (t, m, c, rows, p_off), dict(BLOCK_T=MERGE_ROWS, BLOCK_C=bcm))
+        bc = pow2(c, 16, 128)
+        plan = _FIN.put(key, (merge, (cdiv(c, bc),), (p_off, t_fin if training else 0, m, c, rows_fin),
+                              dict(BLOCK_T=pow2(t_fin, 16, 64), BLOCK_C=bc)))
+    merge, grid, static, blocks = plan
+    if merge is not None:
+        _bn_merge_kernel[merge[0]](part, *merge[1], **merge[2])
+    _bn_finalize_kernel[grid](
+        part if training else stats, bn_weight, bn_bias,
+        running_mean if has_running else stats, running_var if has_running else stats, stats,
+        float(momentum), float(eps), *static, TRAIN=training, HAS_RUNNING=has_running, **blocks)
+    return stats
 
 
-def bn_apply(xh, scale, shift, rh, act, act_param):
-    c = xh.shape[-1]
-    m = xh.numel() // c
-    bm, bc = _blocks(m, c)
-    y = torch.empty_like(xh)
-    _bn_apply_kernel[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
-        xh, scale, shift, rh if rh is not None else xh, y, m, c, float(act_param),
-        ACT=act_code(act), HAS_RES=rh is not None, BLOCK_M=bm, BLOCK_C=bc)
+def bn_apply(x, stats, rx, act, act_param, bn_eval=None):
+    """``act(x*scale + shift [+ rx])`` over channels_last ``x`` with scale / shift from the
+    ``[4, C]`` ``stats`` block -- or, with ``bn_eval`` = (running_mean, running_var, bn_weight,
+    bn_bias, eps), folded from the running statistics in the same launch (``stats`` unused)."""
+    n, c, h, w = x.shape
+    m = n * h * w
+    _, bm, bc, _, _, grid = _layout(m, c, x.device)
+    y = torch.empty_like(x)
+    rm, rv, gam, bet, eps = bn_eval if bn_eval is not None else (x, x, x, x, 0.0)
+    _bn_apply_kernel[grid](
+        x, x if stats is None else stats, x if rx is None else rx, y, rm, rv, gam, bet, float(act_param),
+        float(eps), m, c, ACT=act_code(act), HAS_RES=rx is not None, BN_EVAL=bn_eval is not None,
+        BLOCK_M=bm, BLOCK_C=bc)
     return y
 
 
-def bn_act_backward(dyh, xh, mean, invstd, bn_weight, bn_bias, rh, act, act_param, *, training,
+def bn_act_backward(dy, x, stats, bn_weight, bn_bias, rx, act, act_param, *, training,
                     need_dx=True, need_dres=False):
-    """Fused act + BN backward over NHWC tensors. Returns (dx, sum_du, sum_du_xhat, dres);
-    ``sum_du`` is dL/dbeta and ``sum_du_xhat`` dL/dgamma (fp32)."""
-    c = xh.shape[-1]
-    m = xh.numel() // c
-    rows, bm, bc = _rows_per_tile(m, c, xh.device)
-    t = triton.cdiv(m, rows)
-    part = torch.empty((t, 2, c), device=xh.device, dtype=torch.float32)
-    res = rh if rh is not None else xh
-    meta = dict(ACT=act_code(act), HAS_RES=rh is not None and act != "identity", BLOCK_C=bc)
-    _bn_bwd_reduce_kernel[(t, triton.cdiv(c, bc))](
-        dyh, xh, res, mean, invstd, bn_weight, bn_bias, part, m, c, rows, float(act_param),
-        BLOCK_M=bm, num_warps=8, **meta)  # 4 warps spill with gelu on sm_80 (tests/test_triton_compile.py)
-    sums = part.sum(0)
+    """Fused act + BN backward over channels_last tensors. Returns (dx, sums, dres): ``sums``
+    is the ``[2, C]`` fp32 block (sum du = dL/dbeta, sum du*xhat = dL/dgamma)."""
+    n, c, h, w = x.shape
+    m = n * h * w
+    rows, bm, bc, t, grid_r, grid_e = _layout(m, c, x.device)
+    part = torch.empty((t, 2, c), device=x.device, dtype=torch.float32)
+    res = x if rx is None else rx
+    code, has_res = act_code(act), rx is not None and act != "identity"
+    _bn_bwd_reduce_kernel[grid_r](
+        dy, x, res, stats, bn_weight, bn_bias, part, float(act_param), m, c, rows,
+        ACT=code, HAS_RES=has_res, BLOCK_M=bm, BLOCK_C=bc,
+        num_warps=8)  # 4 warps spill with gelu on sm_80 (tests/test_triton_compile.py)
+    sums = part[0] if t == 1 else part.sum(0)
     dx = dres = None
     if need_dx or need_dres:
-        dx = torch.empty_like(xh) if need_dx else xh
-        dres = torch.empty_like(xh) if need_dres else xh
-        _bn_bwd_apply_kernel[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
-            dyh, xh, res, mean, invstd, bn_weight, bn_bias, sums, dx, dres, m, c, float(act_param),
-            TRAIN=training, STORE_DRES=need_dres, BLOCK_M=bm, num_warps=8, **meta)
-        dx = dx if need_dx else None
-        dres = dres if need_dres else None
-    return dx, sums[0], sums[1], dres
+        dx = torch.empty_like(x) if need_dx else None
+        dres = torch.empty_like(x) if need_dres else None
+        _bn_bwd_apply_kernel[grid_e](
+            dy, x, res, stats, bn_weight, bn_bias, sums, x if dx is None else dx, x if dres is None else dres,
+            float(act_param), m, c, ACT=code, HAS_RES=has_res, TRAIN=training, STORE_DX=need_dx,
+            STORE_DRES=need_dres, BLOCK_M=bm, BLOCK_C=bc, num_warps=8)
+    return dx, sums, dres
 
 
 # --------------------------------------------------------------------------- autograd
@@ -312,45 +399,41 @@ def bn_act_backward(dyh, xh, mean, invstd, bn_weight, bn_bias, rh, act, act_para
 class _BnActFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, residual, cfg, rebuild):
-        training, momentum, eps, act, act_param = cfg
-        xh = to_nhwc(x)
-        rh = to_nhwc(residual)
-        c = xh.shape[-1]
-        m = xh.numel() // c
+        # records: grad mode was on at the call (inside Function.forward it is always off, and
+        # needs_input_grad does not look at it)
+        training, momentum, eps, act, act_param, records = cfg
+        xc = as_cl(x)
+        rc = as_cl(residual)
+        n, c, h, w = x.shape
+        m = n * h * w
         check_batch(m, c, training)
-        if training:
-            pmean, pm2, rows = bn_stats(xh)
-        else:
-            pmean = pm2 = None
-            rows = 1
-        mean, invstd, scale, shift = bn_finalize(pmean, pm2, rows, m, bn_weight, bn_bias, running_mean,
-                                                 running_var, training=training, momentum=momentum,
-                                                 eps=eps, device=x.device)
-        y = nchw_output(bn_apply(xh, scale, shift, rh, act, act_param))
+        need_grad = records and any(ctx.needs_input_grad[:6])
+        if not training and not need_grad:  # inference: BN folded into the one apply launch
+            return bn_apply(xc, None, rc, act, act_param,
+                            bn_eval=(running_mean, running_var, bn_weight, bn_bias, eps))
+        part, t, rows = bn_stats(xc, m, c) if training else (None, 0, 1)
+        stats = bn_finalize(part, t, rows, m, c, bn_weight, bn_bias, running_mean, running_var,
+                            training=training, momentum=momentum, eps=eps, device=x.device)
+        y = bn_apply(xc, stats, rc, act, act_param)
         if training and rebuild is not None:
             # the recipe of y for the caller (fastcnn.recompute): the same apply launch on the
-            # same input, scale/shift and residual rebuilds it bit for bit
-            rebuild.extend((rebuild_nchw_res, bn_apply, xh, (scale, shift), residual, act, act_param))
-        ctx.cfg = cfg
-        ctx.save_for_backward(xh, mean, invstd, bn_weight, bn_bias,
-                              rh if act != "identity" else None)
+            # same input, stats and residual rebuilds it bit for bit
+            rebuild.extend((rebuild_apply, bn_apply, xc, (stats,), residual, act, act_param))
+        if need_grad:
+            ctx.cfg = cfg
+            ctx.save_for_backward(xc, stats, bn_weight, bn_bias, rc if act != "identity" else None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xh, mean, invstd, bn_weight, bn_bias, rh = ctx.saved_tensors
-        training, _, _, act, act_param = ctx.cfg
+        xc, stats, bn_weight, bn_bias, rc = ctx.saved_tensors
+        training, _, _, act, act_param, _ = ctx.cfg
         need_x, need_w, need_b, _, _, need_r = ctx.needs_input_grad[:6]
-        dyh = to_nhwc(dy.to(xh.dtype))
-        dx, s_du, s_dux, dres = bn_act_backward(dyh, xh, mean, invstd, bn_weight, bn_bias, rh, act,
-                                                act_param, training=training, need_dx=need_x,
-                                                need_dres=need_r)
-        return (from_nhwc(dx) if dx is not None else None,
-                s_dux.to(bn_weight.dtype) if need_w else None,
-                s_du.to(bn_bias.dtype) if need_b else None,
-                None, None,
-                from_nhwc(dres) if dres is not None else None,
-                None, None)
+        dyc = as_cl(dy.to(xc.dtype))
+        dx, sums, dres = bn_act_backward(dyc, xc, stats, bn_weight, bn_bias, rc, act, act_param,
+                                         training=training, need_dx=need_x, need_dres=need_r)
+        return (dx, sums[1].to(bn_weight.dtype) if need_w else None,
+                sums[0].to(bn_bias.dtype) if need_b else None, None, None, dres, None, None)
 
 
 def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, momentum=0.1,
@@ -359,4 +442,5 @@ def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, m
     that, in training, receives ``(fn, *args)`` with ``fn(*args)`` recomputing the output bit
     for bit (for :func:`fastcnn.recompute.mark_rebuildable`, which the ops layer calls)."""
     return _BnActFn.apply(x, bn_weight, bn_bias, running_mean, running_var, residual,
-                          (bool(training), float(momentum), float(eps), act, float(act_param)), rebuild)
+                          (bool(training), float(momentum), float(eps), act, float(act_param),
+                           torch.is_grad_enabled()), rebuild)

@@ -4,9 +4,9 @@ LeNet, ShatheNet; ``BnActConv``'s convolution with ``act="identity"``).
 Design
 ------
 * Forward: one launch of the implicit-GEMM kernel of :mod:`.conv_gemm` whose epilogue adds
-  the bias and the residual, applies the activation and writes ``y`` (NHWC, the input dtype,
-  returned as a channels_last ``(N, C, H, W)`` tensor).
-* Saved for backward: the input (NHWC) and the weight, plus
+  the bias and the residual, applies the activation and writes ``y`` (the input dtype, a
+  channels_last ``(N, C, H, W)`` tensor).
+* Saved for backward: the input (channels_last) and the weight, plus
   - the output ``y`` alone when the activation's derivative follows from ``y``'s sign
     (identity, relu, leaky_relu with slope >= 0, elu with alpha > 0), or
   - for silu / gelu (not invertible): the pre-residual conv output ``z`` (written by the
@@ -15,6 +15,18 @@ Design
   gradient per channel (fp32 partials per row block, summed once; skipped entirely for
   identity without bias, where ``du = dy``); then the input-gradient and weight-gradient
   implicit GEMMs of :mod:`.conv_gemm`. No cuDNN call.
+
+Design notes: launches and passes over memory (activation-sized tensors)
+-----------------------------------------------------------------------
+* forward: 1 launch -- reads x [+ residual], writes y (and z for silu / gelu under autograd).
+* backward: 3 launches (2 for identity without bias) + an ATen ``sum`` of the bias partials
+  -- act backward (reads dy, y or z [+ residual], writes du), input-grad GEMM (reads du,
+  writes dx; at stride > 1 only the taps each input pixel takes), weight-grad GEMM (reads x
+  and du).
+* weight: read in place when channels_last (or 1x1 / depthwise); an NCHW KxK weight is
+  packed once per weight version, the pack shared by forward and backward
+  (:func:`.conv_gemm.weight_operand`). Host: launch parameters and autotuner choices come
+  from per-shape caches.
 """
 from __future__ import annotations
 
@@ -24,7 +36,7 @@ import triton.language as tl
 
 from .activations import act_code, act_grad, act_grad_from_out, grad_from_output
 from .conv_gemm import conv_dgrad, conv_fwd, conv_geom, conv_wgrad
-from .utils import from_nhwc, interpreting, nchw_output, pow2, to_nhwc
+from .utils import PlanCache, as_cl, cdiv, interpreting, pow2
 
 
 @triton.jit
@@ -54,71 +66,71 @@ def _act_bwd_kernel(dy_ptr, src_ptr, res_ptr, du_ptr, psum_ptr, M, C, act_param,
         tl.store(psum_ptr + pid_m * C + cols, tl.sum(tl.where(mask, du, 0.0), axis=0), mask=c_ok)
 
 
-def _blocks_2d(m, c):
-    bc = pow2(c, 16, 64)
-    bm = pow2(m, 16, 8192 // bc if interpreting() else 4096 // bc)
-    return bm, bc
+_PLANS = PlanCache()
 
 
 def act_backward(dy, src, residual, act, act_param, *, from_out, bias_grad):
-    """(du, bias_grad or None) for NHWC ``dy``; ``src`` is y (``from_out``) or z."""
-    m, c = dy.numel() // dy.shape[-1], dy.shape[-1]
+    """(du, bias_grad or None) for channels_last ``dy``; ``src`` is y (``from_out``) or z."""
     store_du = act != "identity"
     if not store_du and not bias_grad:
         return dy, None
-    bm, bc = _blocks_2d(m, c)
-    t = triton.cdiv(m, bm)
+    n, c, h, w = dy.shape
+    m = n * h * w
+    key = (m, c, interpreting())
+    lay = _PLANS.get(key)
+    if lay is None:
+        bc = pow2(c, 16, 64)
+        bm = pow2(m, 16, 8192 // bc if interpreting() else 4096 // bc)
+        lay = _PLANS.put(key, (cdiv(m, bm), (cdiv(m, bm), cdiv(c, bc)), bm, bc))
+    t, grid, bm, bc = lay
     du = torch.empty_like(dy) if store_du else dy
     psum = torch.empty((t, c), device=dy.device, dtype=torch.float32) if bias_grad else dy
-    _act_bwd_kernel[(t, triton.cdiv(c, bc))](
-        dy, src if src is not None else dy, residual if residual is not None else dy, du, psum,
+    _act_bwd_kernel[grid](
+        dy, dy if src is None else src, dy if residual is None else residual, du, psum,
         m, c, float(act_param), ACT=act_code(act), FROM_OUT=from_out, HAS_RES=residual is not None,
         STORE_DU=store_du, BIAS_GRAD=bias_grad, BLOCK_M=bm, BLOCK_C=bc)
-    return du, (psum.sum(0) if bias_grad else None)
+    return du, ((psum[0] if t == 1 else psum.sum(0)) if bias_grad else None)
 
 
 class _ConvActFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, cfg):
-        stride, padding, dilation, groups, act, act_param = cfg
-        geom = conv_geom(x.shape, weight.shape, stride, padding, dilation, groups)
-        xh = to_nhwc(x)
-        rh = to_nhwc(residual)
-        need_grad = any(ctx.needs_input_grad[:4])
+        stride, padding, dilation, groups, act, act_param, records = cfg
+        gm = conv_geom(x.shape, weight.shape, stride, padding, dilation, groups)
+        xc = as_cl(x)
+        rc = as_cl(residual)
+        need_grad = records and any(ctx.needs_input_grad[:4])
         from_out = grad_from_output(act, act_param)
-        out = conv_fwd(xh, weight, bias, geom, residual=rh, act=act, act_param=act_param,
-                       store_z=need_grad and not from_out)
-        ctx.geom, ctx.act, ctx.act_param, ctx.from_out = geom, act, act_param, from_out
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        y = nchw_output(out.y)
+        y, z, _, _ = conv_fwd(xc, weight, bias, gm, residual=rc, act=act, act_param=act_param,
+                              store_z=need_grad and not from_out)
         if need_grad:
+            ctx.geom, ctx.act, ctx.act_param, ctx.from_out = gm, act, act_param, from_out
+            ctx.has_bias = bias is not None
+            ctx.bias_dtype = bias.dtype if bias is not None else None
             if from_out:
-                # the output itself (not its NHWC buffer): autograd then refuses a backward
-                # after the caller changed it in place, instead of using changed values
-                ctx.save_for_backward(xh, weight, y, None)
+                # the output itself: autograd then refuses a backward after the caller changed
+                # it in place, instead of using changed values
+                ctx.save_for_backward(xc, weight, y, None)
             else:
-                ctx.save_for_backward(xh, weight, out.z, rh)
+                ctx.save_for_backward(xc, weight, z, rc)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xh, weight, src, rh = ctx.saved_tensors
-        if ctx.from_out:
-            src = to_nhwc(src)  # the saved NCHW output -> its NHWC buffer (a view)
+        xc, weight, src, rc = ctx.saved_tensors
         gm = ctx.geom
-        dyh = to_nhwc(dy.to(xh.dtype))
+        dyc = as_cl(dy.to(xc.dtype))
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-        du, db = act_backward(dyh, src, None if ctx.from_out else rh, ctx.act, ctx.act_param,
+        du, db = act_backward(dyc, src, None if ctx.from_out else rc, ctx.act, ctx.act_param,
                               from_out=ctx.from_out, bias_grad=ctx.has_bias and need_b)
-        dx = from_nhwc(conv_dgrad(du, weight, gm)) if need_x else None
-        dw = conv_wgrad(xh, du, gm, weight.dtype) if need_w else None
-        dres = from_nhwc(du) if need_r else None
-        return dx, dw, (db.to(ctx.bias_dtype) if db is not None else None), dres, None
+        dx = conv_dgrad(du, weight, gm) if need_x else None
+        dw = conv_wgrad(xc, du, gm, weight) if need_w else None
+        return dx, dw, (db.to(ctx.bias_dtype) if db is not None else None), (du if need_r else None), None
 
 
 def conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act="relu",
              act_param=0.0, residual=None):
     """Same signature and result as :func:`fastcnn.ops.reference.conv_act`."""
     return _ConvActFn.apply(x, weight, bias, residual,
-                            (tuple(stride), tuple(padding), tuple(dilation), int(groups), act, float(act_param)))
+                            (tuple(stride), tuple(padding), tuple(dilation), int(groups), act, float(act_param),
+                             torch.is_grad_enabled()))

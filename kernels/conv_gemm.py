@@ -1,6 +1,7 @@
 """Implicit-GEMM convolution kernels shared by the fused ops: forward (with a fused
-epilogue), input gradient and weight gradient. NHWC activations, fp32 accumulation,
-fp32 / fp16 / bf16 operands, any kernel size, stride, padding, dilation and ``groups``.
+epilogue), input gradient and weight gradient. Channels_last (NHWC) activations, fp32
+accumulation, fp32 / fp16 / bf16 operands, any kernel size, stride, padding, dilation and
+``groups``.
 
 Design
 ------
@@ -9,23 +10,59 @@ Design
   (BLOCK_N), reduction = ``KH*KW*CIN_G`` walked as one flat loop over (tap, channel block)
   of BLOCK_K. The A tile is gathered straight from NHWC ``x`` (one row = the BLOCK_K
   contiguous channels of one input pixel; out-of-image taps are masked to 0, so padding
-  costs nothing); the B tile comes from the weight repacked once per call as
-  ``[G, KH, KW, CIN_G, COUT_G]``. Groups are never densified or looped over in Python.
-  The epilogue, all in fp32 registers, can in one launch: add the conv bias; store ``z``;
-  reduce per-channel batch statistics of ``z`` for the tile (count, mean and centred sum of
-  squares ``M2`` -- combined later with Chan's parallel formula, so no ``E[z^2]-E[z]^2``
-  cancellation); apply eval-mode BN from the running statistics; add a residual; apply the
+  costs nothing); the B tile is read from the weight through its strides (below). Groups
+  are never densified or looped over in Python. The epilogue, all in fp32 registers, can in
+  one launch: add the conv bias; store ``z``; reduce per-channel batch statistics of ``z``
+  for the tile (mean and centred sum of squares ``M2`` -- combined later with Chan's
+  parallel formula, so no ``E[z^2]-E[z]^2`` cancellation; written as ``[tiles, 2, COUT]``
+  fp32 partials); apply eval-mode BN from the running statistics; add a residual; apply the
   activation and store ``y``.
-* **Input gradient** ``dx = conv_transpose(dz, w)``: rows = input pixels ``N*H*W``, columns
-  = the group's input channels, reduction over (tap, output-channel block) with the weight
-  repacked as ``[G, KH, KW, COUT_G, CIN_G]``. A tap contributes where
-  ``(ih + pad - kh*dil)`` is a non-negative multiple of the stride inside the output; for
-  stride 2 three quarters of the gathered rows are masked (simple, correct; only the few
-  downsampling layers pay it).
+* **Input gradient** ``dx = conv_transpose(dz, w)``: rows = input pixels, columns = the
+  group's input channels, reduction over (tap, output-channel block). Stride 1 (or any
+  dilation > 1): every input pixel takes every tap, masked where ``ih + pad - kh*dil`` falls
+  outside the output. **Stride > 1 (dilation 1): sub-pixel phases.** An input pixel with
+  ``ih % SH == ph`` receives exactly the taps ``kh = (ph + PH) % SH + j*SH``; the grid's third
+  axis runs over (group, phase), each program gathers only pixels of its phase and loops over
+  only their taps. Gathering all pixels and masking (what this kernel did before) fed the
+  tensor cores ``SH*SW`` times the useful work -- 4x at stride 2, where three quarters of the
+  rows of every A tile were zeros (a 1x1 stride-2 shortcut: 3 of 4 pixels get no tap at all;
+  their programs now just store zeros).
 * **Weight gradient** ``dw[co, ci, kh, kw] = sum_p dz[p, co] * x[tap(p, kh, kw), ci]``: one
   GEMM per (group, tap) over all output pixels ``p``; the pixel reduction is split
-  ``SPLIT_K`` ways (chosen on the host from the tile count) into fp32 partial buffers that
-  one ``sum`` adds up -- deterministic, no atomics.
+  ``SPLIT`` ways (chosen on the host from the tile count) into fp32 partial buffers that one
+  ``sum`` adds up -- deterministic, no atomics. ``dw`` is written in the weight's own memory
+  layout (channels_last weights get a channels_last gradient), so autograd's gradient
+  accumulation keeps it as is instead of copying it to the parameter's strides.
+
+Weight operand: read in place, or one cached pack
+-------------------------------------------------
+The GEMMs read the weight ``[COUT, CIN_G, KH, KW]`` through its four strides. What makes a
+tile load coalesced is that the *input-channel* stride is 1: per tap, the forward's B tile
+``[ci, co]`` is then K-contiguous and dgrad's ``[co, ci]`` N-contiguous, both layouts
+``tl.dot`` takes directly. That holds, with no copy at all, for
+
+* channels_last weights -- ``model.to(memory_format=torch.channels_last)``, which
+  ``fastcnn.train`` does on GPUs (and the bf16 copies autocast makes keep the layout);
+* every 1x1 convolution and every depthwise one (``CIN_G == 1``), in any layout.
+
+An NCHW-contiguous KxK weight has input-channel stride ``KH*KW``: read in place, each tile
+element would be its own memory transaction (and Triton's asynchronous copies need contiguous
+runs), so such a weight is packed once into channels_last (:func:`weight_operand`), and the
+pack is cached per weight tensor: keyed weakly on the tensor (a freed parameter frees its
+pack) and checked against the tensor's ``_version``, ``data_ptr``, dtype, shape and strides,
+so an in-place optimizer step (``p.add_``, ``torch.optim``'s foreach updates, ``copy_``) makes
+the next call repack. Forward and the input-gradient GEMM of the same step share the one pack
+(before: one permute-copy per forward and another per backward, each a full weight pass).
+
+Memory: one weight-sized buffer per live NCHW KxK weight, held as long as the weight lives.
+For wrn28_10 (36.5 M parameters, almost all 3x3) kept NCHW in fp32 that is ~146 MB
+(bf16 under autocast: ~73 MB, held from forward to backward, since autocast's bf16 copy is a
+new tensor per step) -- against a forward/backward at batch 128 that keeps several GB of
+activations, and it saves two weight passes per step (one in inference). With channels_last
+weights (the training path on GPUs) there is no pack and no cache entry at all, which is the
+recommended setup. Caveat (PyTorch semantics): a write through ``p.data`` (``p.data.add_()``)
+does not move ``p._version``; after such a write to an NCHW KxK weight call
+:func:`clear_weight_packs` (or keep weights channels_last).
 
 Nothing here saves tensors for backward; the ops' autograd Functions decide that. No
 cuDNN call is used: every convolution of the fused ops is one of these kernels.
@@ -49,25 +86,30 @@ Tile configs (GPU)
 * Under ``torch.use_deterministic_algorithms(True)`` (``--deterministic``): no timing, one
   fixed config per kernel (``*_FIXED``, or the smallest kept one where that is pruned), so
   runs repeat exactly (the BN statistics' summation order follows ``BLOCK_M``).
+* Host cost: the first call of a launch shape goes through the autotuner (or the fixed
+  config); its choice, the grid and the integer arguments are then kept in a per-launcher
+  :class:`~.utils.PlanCache` keyed on the shape, dtype, device, flags and modes, and later
+  calls launch the kernel with them directly -- the autotuner would pick the same config
+  (its key is coarser than the plan's), but building its key costs ~15 us per launch.
 
 Under ``TRITON_INTERPRET=1`` one config sized to the problem is used (the interpreter's
 timings mean nothing).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .activations import act_code, apply_act
-from .utils import (bench_l2_flush, deterministic, device_limits, dot_precision, interpreting, num_sms, pow2,
-                    upcast_dot)
+from .utils import (CL, PlanCache, bench_l2_flush, cdiv, deterministic, device_limits, dot_precision, empty_cl,
+                    interpreting, next_pow2, num_sms, pow2, upcast_dot)
 
 
-@dataclass(frozen=True)
-class ConvGeom:
+class ConvGeom(NamedTuple):
     n: int
     h: int
     w: int
@@ -81,26 +123,53 @@ class ConvGeom:
     stride: tuple
     padding: tuple
     dilation: tuple
+    cin_g: int
+    cout_g: int
+    m: int  # output pixels N*OH*OW
 
-    @property
-    def cin_g(self) -> int:
-        return self.c // self.groups
 
-    @property
-    def cout_g(self) -> int:
-        return self.cout // self.groups
-
-    @property
-    def m(self) -> int:
-        return self.n * self.oh * self.ow
+_GEOMS = PlanCache()
 
 
 def conv_geom(x_shape, w_shape, stride, padding, dilation, groups) -> ConvGeom:
-    n, c, h, w = x_shape
-    cout, _, kh, kw = w_shape
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return ConvGeom(n, h, w, c, cout, kh, kw, oh, ow, groups, tuple(stride), tuple(padding), tuple(dilation))
+    """The convolution's geometry (cached per argument tuple: it is hashed by every launch-plan
+    lookup of the call)."""
+    key = (x_shape, w_shape, stride, padding, dilation, groups)
+    gm = _GEOMS.get(key)
+    if gm is None:
+        n, c, h, w = x_shape
+        cout, _, kh, kw = w_shape
+        oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        gm = _GEOMS.put(key, ConvGeom(n, h, w, c, cout, kh, kw, oh, ow, groups, tuple(stride), tuple(padding),
+                                      tuple(dilation), c // groups, cout // groups, n * oh * ow))
+    return gm
+
+
+# --------------------------------------------------------------------------- weight operand
+
+_PACKS = WeakIdKeyDictionary()
+
+
+def weight_operand(weight: torch.Tensor) -> torch.Tensor:
+    """The tensor the GEMMs read the weight from (through its strides): ``weight`` itself when
+    its input-channel stride is 1 (channels_last, 1x1, depthwise), else its channels_last pack,
+    made once per weight and version (see the module docstring)."""
+    if weight.stride(1) == 1 or weight.shape[1] == 1:
+        return weight
+    key = (weight._version, weight.data_ptr(), weight.dtype, weight.shape, weight.stride())
+    hit = _PACKS.get(weight)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    pack = weight.detach().contiguous(memory_format=CL)
+    _PACKS[weight] = (key, pack)
+    return pack
+
+
+def clear_weight_packs() -> None:
+    """Drop every cached weight pack (needed only after writing an NCHW KxK weight through
+    ``.data``, which PyTorch's version counter does not see)."""
+    _PACKS.clear()
 
 
 # --------------------------------------------------------------------------- configs
@@ -130,7 +199,7 @@ _FWD_FIXED = _GPU_CONFIGS[3]
 
 def m_bucket(m: int) -> int:
     """The autotuning key's stand-in for the pixel count: ``m`` rounded up to a power of two."""
-    return triton.next_power_of_2(max(1, int(m)))
+    return next_pow2(m)
 
 
 def smem_estimate(cfg, elem_size: int) -> int:
@@ -197,6 +266,35 @@ def _interp_blocks(m, n, k):
     return {"BLOCK_M": pow2(m, 16, 128), "BLOCK_N": pow2(n, 16, 64), "BLOCK_K": pow2(k, 16, 64)}
 
 
+class _Plan(NamedTuple):
+    src: object  # the kernel object the plan was made with (a swapped-in object re-plans)
+    grid: tuple
+    static: tuple  # the integer arguments after the per-call ones
+    kw: dict  # constexprs + the config's block sizes, warps and stages
+    block_m: int
+
+
+def _planned(plans, key, tuned, kernel, dynamic, build, fixed):
+    """Launch ``kernel(*dynamic, *static)``. The first call of ``key`` runs ``build()`` ->
+    ``(static, meta, grid_fn, interp_blocks)``, picks the config (the interpreter's
+    ``interp_blocks``, else :func:`_launch`: the autotuner, or ``fixed`` under deterministic
+    mode) and keeps it with the grid and ``static`` in ``plans``; later calls launch the kernel
+    with them directly. Returns the plan."""
+    interp = interpreting()
+    src = kernel if interp else tuned
+    plan = plans.get(key)
+    if plan is not None and plan.src is src:
+        kernel[plan.grid](*dynamic, *plan.static, **plan.kw)
+        return plan
+    static, meta, grid_fn, interp_blocks = build()
+    if interp:
+        kernel[grid_fn(interp_blocks)](*dynamic, *static, **meta, **interp_blocks)
+        cfg_kw = interp_blocks
+    else:
+        cfg_kw = _launch(tuned, kernel, grid_fn, dynamic + static, meta, fixed).all_kwargs()
+    return plans.put(key, _Plan(src, grid_fn(cfg_kw), static, {**meta, **cfg_kw}, cfg_kw["BLOCK_M"]))
+
+
 # --------------------------------------------------------------------------- shared pieces
 
 @triton.jit
@@ -218,10 +316,10 @@ def _pixels(offs, H, W):
 @triton.jit
 def _tap_chunk(it, n_cb, KW, BLOCK_K: tl.constexpr):
     """Step ``it`` of the flat (filter tap, channel block) reduction loop, ``n_cb`` channel
-    blocks per tap -> (tap index, kh, kw, the block's channel offsets)."""
+    blocks per tap -> (kh, kw, the block's channel offsets)."""
     r = it // n_cb
     kh = r // KW
-    return r, kh, r - kh * KW, (it - r * n_cb) * BLOCK_K + tl.arange(0, BLOCK_K)
+    return kh, r - kh * KW, (it - r * n_cb) * BLOCK_K + tl.arange(0, BLOCK_K)
 
 
 @triton.jit
@@ -249,10 +347,11 @@ def _mma(acc, a_ptrs, a_mask, b_ptrs, b_mask, DOT_PREC: tl.constexpr, UPCAST: tl
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, z_ptr, y_ptr,
-    rm_ptr, rv_ptr, gamma_ptr, beta_ptr, pmean_ptr, pm2_ptr,
+    rm_ptr, rv_ptr, gamma_ptr, beta_ptr, part_ptr,
+    eps, act_param,
+    WS_CO, WS_CI, WS_KH, WS_KW,  # the weight's strides (WS_CI == 1: see weight_operand)
     M, H, W, C, OH, OW, COUT, CIN_G, COUT_G,
     SH, SW, PH, PW, DH, DW,
-    eps, act_param,
     M_BUCKET,  # unused: the autotuning key (m_bucket(M))
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, BN_EVAL: tl.constexpr, HAS_RES: tl.constexpr,
@@ -265,16 +364,16 @@ def _conv_fwd_kernel(
     offs_m, m_mask, offs_co, co_mask = _out_tile(M, COUT_G, BLOCK_M, BLOCK_N)
     n64, oh, ow = _pixels(offs_m, OH, OW)
 
-    w_g = w_ptr + g * (KH * KW * CIN_G * COUT_G)
+    w_co = w_ptr + ((g * COUT_G + offs_co) * WS_CO)[None, :]
     n_cb = tl.cdiv(CIN_G, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(0, KH * KW * n_cb):
-        r, kh, kw, ci = _tap_chunk(it, n_cb, KW, BLOCK_K)
+        kh, kw, ci = _tap_chunk(it, n_cb, KW, BLOCK_K)
         x_row, row_ok = _input_rows(n64, oh, ow, kh, kw, H, W, C, SH, SW, PH, PW, DH, DW)
         k_ok = ci < CIN_G
         acc = _mma(acc, x_ptr + (x_row + g * CIN_G)[:, None] + ci[None, :],
                    (m_mask & row_ok)[:, None] & k_ok[None, :],
-                   w_g + (r * CIN_G + ci)[:, None] * COUT_G + offs_co[None, :],
+                   w_co + (kh * WS_KH + kw * WS_KW + ci * WS_CI)[:, None],
                    k_ok[:, None] & co_mask[None, :], DOT_PREC, UPCAST)
 
     co = g * COUT_G + offs_co
@@ -285,14 +384,15 @@ def _conv_fwd_kernel(
     if STORE_Z:
         tl.store(z_ptr + out_off, acc.to(z_ptr.dtype.element_ty), mask=mask)
     if STATS:
-        # statistics of z as stored (rounded to its dtype), like BN applied to conv's output
+        # statistics of z as stored (rounded to its dtype), like BN applied to conv's output;
+        # partials laid out [tiles, 2, COUT]: the tile's mean, then its centred sum of squares
         zr = acc.to(z_ptr.dtype.element_ty).to(tl.float32)
         cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
         t_mean = tl.sum(tl.where(mask, zr, 0.0), axis=0) / cnt
         d = tl.where(mask, zr - t_mean[None, :], 0.0)
         t_m2 = tl.sum(d * d, axis=0)
-        tl.store(pmean_ptr + pid_m * COUT + co, t_mean, mask=co_mask)
-        tl.store(pm2_ptr + pid_m * COUT + co, t_m2, mask=co_mask)
+        tl.store(part_ptr + (pid_m * 2) * COUT + co, t_mean, mask=co_mask)
+        tl.store(part_ptr + (pid_m * 2 + 1) * COUT + co, t_m2, mask=co_mask)
     if STORE_Y:
         v = acc
         if BN_EVAL:
@@ -315,59 +415,51 @@ _conv_fwd_tuned = triton.autotune(
     do_bench=bench_l2_flush, cache_results=True,
 )(_conv_fwd_kernel)
 
-
-@dataclass
-class FwdOut:
-    y: torch.Tensor | None  # NHWC
-    z: torch.Tensor | None  # NHWC, pre-BN conv output (+ bias)
-    pmean: torch.Tensor | None  # [tiles, COUT] fp32 per-tile means of z
-    pm2: torch.Tensor | None  # [tiles, COUT] fp32 per-tile centred sums of squares
-    block_m: int = 0  # rows per tile of the partial statistics
+_FWD_PLANS = PlanCache()
 
 
-def conv_fwd(x, weight, bias, geom: ConvGeom, *, residual=None, act="identity", act_param=0.0,
-             bn_eval=None, store_y=True, store_z=False, stats=False) -> FwdOut:
-    """One launch of the forward kernel. ``x``/``residual`` NHWC contiguous; ``bn_eval`` =
-    (running_mean, running_var, bn_weight, bn_bias, eps) folds eval-mode BN in."""
-    gm = geom
-    wt = weight.view(gm.groups, gm.cout_g, gm.cin_g, gm.kh, gm.kw).permute(0, 3, 4, 2, 1).contiguous()
-    out_shape = (gm.n, gm.oh, gm.ow, gm.cout)
-    y = torch.empty(out_shape, device=x.device, dtype=x.dtype) if store_y else None
-    z = torch.empty(out_shape, device=x.device, dtype=x.dtype) if (store_z or stats) else None
-    interp = interpreting()
-    blocks = _interp_blocks(gm.m, gm.cout_g, gm.cin_g) if interp else None
-    min_bm = blocks["BLOCK_M"] if interp else _MIN_BLOCK_M
-    tiles = triton.cdiv(gm.m, min_bm)
-    pmean = torch.empty((tiles, gm.cout), device=x.device, dtype=torch.float32) if stats else None
-    pm2 = torch.empty_like(pmean) if stats else None
-    dummy = x
-    rm, rv, gam, bet, eps = bn_eval if bn_eval is not None else (dummy, dummy, dummy, dummy, 0.0)
-    args = (
-        x, wt, bias if bias is not None else dummy, residual if residual is not None else dummy,
-        z if z is not None else dummy, y if y is not None else dummy,
-        rm, rv, gam, bet, pmean if stats else dummy, pm2 if stats else dummy,
-        gm.m, gm.h, gm.w, gm.c, gm.oh, gm.ow, gm.cout, gm.cin_g, gm.cout_g,
-        gm.stride[0], gm.stride[1], gm.padding[0], gm.padding[1], gm.dilation[0], gm.dilation[1],
-        float(eps), float(act_param), m_bucket(gm.m),
-    )
-    meta = dict(
-        KH=gm.kh, KW=gm.kw, HAS_BIAS=bias is not None, BN_EVAL=bn_eval is not None,
-        HAS_RES=residual is not None, STORE_Z=z is not None, STORE_Y=store_y, STATS=stats,
-        ACT=act_code(act), DOT_PREC=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
-    )
+def stats_rows(m: int) -> int:
+    """Upper bound of the statistics partial rows :func:`conv_fwd` writes for ``m`` output
+    pixels (the tile count of the smallest BLOCK_M any config may pick)."""
+    return cdiv(m, 16 if interpreting() else _MIN_BLOCK_M)
 
-    def grid(meta_):
-        return (triton.cdiv(gm.m, meta_["BLOCK_M"]), triton.cdiv(gm.cout_g, meta_["BLOCK_N"]), gm.groups)
 
-    if interp:
-        _conv_fwd_kernel[grid](*args, **meta, **blocks)
-        block_m = blocks["BLOCK_M"]
-    else:
-        block_m = _launch(_conv_fwd_tuned, _conv_fwd_kernel, grid, args, meta, _FWD_FIXED).kwargs["BLOCK_M"]
-    if stats:  # only the first cdiv(M, block_m) rows were written by the chosen config
-        used = triton.cdiv(gm.m, block_m)
-        pmean, pm2 = pmean[:used], pm2[:used]
-    return FwdOut(y, z, pmean, pm2, block_m)
+def conv_fwd(x, weight, bias, gm: ConvGeom, *, residual=None, act="identity", act_param=0.0,
+             bn_eval=None, store_y=True, store_z=False, part=None):
+    """One launch of the forward kernel; returns ``(y, z, tiles, block_m)``: ``y`` / ``z``
+    channels_last ``(N, COUT, OH, OW)`` (None when not stored). ``x`` / ``residual``
+    channels_last. ``bn_eval`` = (running_mean, running_var, bn_weight, bn_bias, eps) folds
+    eval-mode BN in. ``part``: an fp32 buffer of at least ``stats_rows(M) * 2 * COUT`` elements
+    that receives the statistics partials of ``z`` (``z`` is then stored too): ``tiles`` rows of
+    ``[mean, M2]`` per channel, row ``t`` covering output pixels ``[t*block_m, (t+1)*block_m)``."""
+    stats = part is not None
+    store_z = store_z or stats
+    key = (gm, x.dtype, x.device, bias is not None, bn_eval is not None, residual is not None, store_z,
+           store_y, stats, act, dot_precision(x.dtype), deterministic(), interpreting())
+    out_shape = (gm.n, gm.cout, gm.oh, gm.ow)
+    y = empty_cl(out_shape, x) if store_y else None
+    z = empty_cl(out_shape, x) if store_z else None
+    wk = weight_operand(weight)
+    rm, rv, gam, bet, eps = bn_eval if bn_eval is not None else (x, x, x, x, 0.0)
+    dynamic = (x, wk, x if bias is None else bias, x if residual is None else residual,
+               x if z is None else z, x if y is None else y, rm, rv, gam, bet,
+               part if stats else x, float(eps), float(act_param), *wk.stride())
+
+    def build():
+        static = (gm.m, gm.h, gm.w, gm.c, gm.oh, gm.ow, gm.cout, gm.cin_g, gm.cout_g,
+                  gm.stride[0], gm.stride[1], gm.padding[0], gm.padding[1], gm.dilation[0],
+                  gm.dilation[1], m_bucket(gm.m))
+        meta = dict(KH=gm.kh, KW=gm.kw, HAS_BIAS=bias is not None, BN_EVAL=bn_eval is not None,
+                    HAS_RES=residual is not None, STORE_Z=store_z, STORE_Y=store_y, STATS=stats,
+                    ACT=act_code(act), DOT_PREC=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype))
+
+        def grid(meta_):
+            return (cdiv(gm.m, meta_["BLOCK_M"]), cdiv(gm.cout_g, meta_["BLOCK_N"]), gm.groups)
+
+        return static, meta, grid, _interp_blocks(gm.m, gm.cout_g, gm.cin_g)
+
+    plan = _planned(_FWD_PLANS, key, _conv_fwd_tuned, _conv_fwd_kernel, dynamic, build, _FWD_FIXED)
+    return y, z, plan.grid[0], plan.block_m
 
 
 # --------------------------------------------------------------------------- input grad
@@ -375,37 +467,75 @@ def conv_fwd(x, weight, bias, geom: ConvGeom, *, residual=None, act="identity", 
 @triton.jit
 def _conv_dgrad_kernel(
     dz_ptr, w_ptr, dx_ptr,
-    MX, H, W, C, OH, OW, COUT, CIN_G, COUT_G,
+    WS_CO, WS_CI, WS_KH, WS_KW,
+    NB, MX, H, W, C, OH, OW, COUT, CIN_G, COUT_G,
     SH, SW, PH, PW, DH, DW,
     M_BUCKET,  # unused: the autotuning key (m_bucket(MX))
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, PHASES: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    g = tl.program_id(2)
-    offs_m, m_mask, offs_ci, ci_mask = _out_tile(MX, CIN_G, BLOCK_M, BLOCK_N)
-    n64, ih, iw = _pixels(offs_m, H, W)
-
-    w_g = w_ptr + g * (KH * KW * COUT_G * CIN_G)
-    n_cb = tl.cdiv(COUT_G, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for it in range(0, KH * KW * n_cb):
-        r, kh, kw, co = _tap_chunk(it, n_cb, KW, BLOCK_K)
-        th = ih + PH - kh * DH
-        tw = iw + PW - kw * DW
-        ok = m_mask & (th >= 0) & (tw >= 0)
-        th = tl.where(ok, th, 0)
-        tw = tl.where(ok, tw, 0)
-        oh = th // SH
-        ow = tw // SW
-        ok = ok & (oh * SH == th) & (ow * SW == tw) & (oh < OH) & (ow < OW)
-        z_row = ((n64 * OH + oh) * OW + ow) * COUT + g * COUT_G
-        k_ok = co < COUT_G
-        acc = _mma(acc, dz_ptr + z_row[:, None] + co[None, :], ok[:, None] & k_ok[None, :],
-                   w_g + (r * COUT_G + co)[:, None] * CIN_G + offs_ci[None, :],
-                   k_ok[:, None] & ci_mask[None, :], DOT_PREC, UPCAST)
+    if PHASES:
+        # stride > 1, dilation 1: this program's pixels all have (ih % SH, iw % SW) == (ph, pw),
+        # so they take the same taps: kh = kh0 + j*SH reaching output row oh = ihp + q_h - j
+        # (ih = ihp*SH + ph), likewise along w
+        g = tl.program_id(2) // (SH * SW)
+        phase = tl.program_id(2) - g * (SH * SW)
+        ph = phase // SW
+        pw = phase - ph * SW
+        HP = (H - ph + SH - 1) // SH
+        WP = (W - pw + SW - 1) // SW
+        offs_m, m_mask, offs_ci, ci_mask = _out_tile(NB * HP * WP, CIN_G, BLOCK_M, BLOCK_N)
+        kh0 = (ph + PH) % SH
+        kw0 = (pw + PW) % SW
+        n_kw = (KW - kw0 + SW - 1) // SW
+        n64, ihp, iwp = _pixels(offs_m, HP, WP)
+        # the output pixel of tap (j, i) = 0 is (oh0, ow0); tap (j, i) reads (oh0 - j, ow0 - i)
+        oh0 = ihp + (ph + PH - kh0) // SH
+        ow0 = iwp + (pw + PW - kw0) // SW
+        z0 = ((n64 * OH + oh0) * OW + ow0) * COUT + g * COUT_G
+        w_ci = w_ptr + (offs_ci * WS_CI)[None, :]
+        n_cb = tl.cdiv(COUT_G, BLOCK_K)
+        for it in range(0, ((KH - kh0 + SH - 1) // SH) * n_kw * n_cb):
+            t = it // n_cb
+            j = t // n_kw
+            i = t - j * n_kw
+            co = (it - t * n_cb) * BLOCK_K + tl.arange(0, BLOCK_K)
+            oh = oh0 - j
+            ow = ow0 - i
+            ok = m_mask & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+            k_ok = co < COUT_G
+            tap = (kh0 + j * SH) * WS_KH + (kw0 + i * SW) * WS_KW
+            acc = _mma(acc, dz_ptr + (z0 - (j * OW + i) * COUT)[:, None] + co[None, :], ok[:, None] & k_ok[None, :],
+                       w_ci + (tap + (g * COUT_G + co) * WS_CO)[:, None],
+                       k_ok[:, None] & ci_mask[None, :], DOT_PREC, UPCAST)
+        n64, ihp, iwp = _pixels(offs_m, HP, WP)
+        row = (n64 * H + ihp * SH + ph) * W + iwp * SW + pw
+    else:
+        g = tl.program_id(2)
+        offs_m, m_mask, offs_ci, ci_mask = _out_tile(MX, CIN_G, BLOCK_M, BLOCK_N)
+        n64, ih, iw = _pixels(offs_m, H, W)
+        w_ci = w_ptr + (offs_ci * WS_CI)[None, :]
+        n_cb = tl.cdiv(COUT_G, BLOCK_K)
+        for it in range(0, KH * KW * n_cb):
+            kh, kw, co = _tap_chunk(it, n_cb, KW, BLOCK_K)
+            th = ih + PH - kh * DH
+            tw = iw + PW - kw * DW
+            ok = m_mask & (th >= 0) & (tw >= 0)
+            th = tl.where(ok, th, 0)
+            tw = tl.where(ok, tw, 0)
+            oh = th // SH
+            ow = tw // SW
+            ok = ok & (oh * SH == th) & (ow * SW == tw) & (oh < OH) & (ow < OW)
+            z_row = ((n64 * OH + oh) * OW + ow) * COUT + g * COUT_G
+            k_ok = co < COUT_G
+            acc = _mma(acc, dz_ptr + z_row[:, None] + co[None, :], ok[:, None] & k_ok[None, :],
+                       w_ci + (kh * WS_KH + kw * WS_KW + (g * COUT_G + co) * WS_CO)[:, None],
+                       k_ok[:, None] & ci_mask[None, :], DOT_PREC, UPCAST)
+        row = (n64 * H + ih) * W + iw
 
-    out_off = offs_m.to(tl.int64)[:, None] * C + (g * CIN_G + offs_ci)[None, :]
+    out_off = row[:, None] * C + (g * CIN_G + offs_ci)[None, :]
     tl.store(dx_ptr + out_off, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & ci_mask[None, :])
 
 
@@ -422,25 +552,34 @@ _conv_dgrad_tuned = triton.autotune(
     do_bench=bench_l2_flush, cache_results=True,
 )(_conv_dgrad_kernel)
 
+_DGRAD_PLANS = PlanCache()
 
-def conv_dgrad(dz, weight, geom: ConvGeom) -> torch.Tensor:
-    """dL/dx (NHWC, dtype of ``dz``) from dL/dz (NHWC contiguous)."""
-    gm = geom
-    wd = weight.view(gm.groups, gm.cout_g, gm.cin_g, gm.kh, gm.kw).permute(0, 3, 4, 1, 2).contiguous()
-    dx = torch.empty((gm.n, gm.h, gm.w, gm.c), device=dz.device, dtype=dz.dtype)
-    mx = gm.n * gm.h * gm.w
-    args = (dz, wd, dx, mx, gm.h, gm.w, gm.c, gm.oh, gm.ow, gm.cout, gm.cin_g, gm.cout_g,
-            gm.stride[0], gm.stride[1], gm.padding[0], gm.padding[1], gm.dilation[0], gm.dilation[1],
-            m_bucket(mx))
-    meta = dict(KH=gm.kh, KW=gm.kw, DOT_PREC=dot_precision(dz.dtype), UPCAST=upcast_dot(dz.dtype))
 
-    def grid(meta_):
-        return (triton.cdiv(mx, meta_["BLOCK_M"]), triton.cdiv(gm.cin_g, meta_["BLOCK_N"]), gm.groups)
+def conv_dgrad(dz, weight, gm: ConvGeom) -> torch.Tensor:
+    """dL/dx (channels_last ``(N, C, H, W)``, dtype of ``dz``) from channels_last dL/dz."""
+    key = (gm, dz.dtype, dz.device, dot_precision(dz.dtype), deterministic(), interpreting())
+    dx = empty_cl((gm.n, gm.c, gm.h, gm.w), dz)
+    wk = weight_operand(weight)
+    dynamic = (dz, wk, dx, *wk.stride())
 
-    if interpreting():
-        _conv_dgrad_kernel[grid](*args, **meta, **_interp_blocks(mx, gm.cin_g, gm.cout_g))
-    else:
-        _launch(_conv_dgrad_tuned, _conv_dgrad_kernel, grid, args, meta, _DGRAD_FIXED)
+    def build():
+        sh, sw = gm.stride
+        phases = (sh > 1 or sw > 1) and gm.dilation == (1, 1)
+        # GEMM rows: every input pixel, or those of one phase (at most those of phase 0)
+        rows = gm.n * (cdiv(gm.h, sh) * cdiv(gm.w, sw) if phases else gm.h * gm.w)
+        mx = gm.n * gm.h * gm.w
+        static = (gm.n, mx, gm.h, gm.w, gm.c, gm.oh, gm.ow, gm.cout, gm.cin_g, gm.cout_g,
+                  sh, sw, gm.padding[0], gm.padding[1], gm.dilation[0], gm.dilation[1], m_bucket(mx))
+        meta = dict(KH=gm.kh, KW=gm.kw, PHASES=phases, DOT_PREC=dot_precision(dz.dtype),
+                    UPCAST=upcast_dot(dz.dtype))
+        z_axis = gm.groups * (sh * sw if phases else 1)
+
+        def grid(meta_):
+            return (cdiv(rows, meta_["BLOCK_M"]), cdiv(gm.cin_g, meta_["BLOCK_N"]), z_axis)
+
+        return static, meta, grid, _interp_blocks(rows, gm.cin_g, gm.cout_g)
+
+    _planned(_DGRAD_PLANS, key, _conv_dgrad_tuned, _conv_dgrad_kernel, dynamic, build, _DGRAD_FIXED)
     return dx
 
 
@@ -452,7 +591,7 @@ def _conv_wgrad_kernel(
     M, H, W, C, OH, OW, COUT, CIN_G, COUT_G,
     SH, SW, PH, PW, DH, DW, K_PER_SPLIT,
     M_BUCKET,  # unused: the autotuning key (m_bucket(M))
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, OUT_CL: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -487,8 +626,13 @@ def _conv_wgrad_kernel(
                    x_ptr + (x_row + g * CIN_G)[:, None] + offs_ci[None, :],
                    (p_ok & x_ok)[:, None] & ci_mask[None, :], DOT_PREC, UPCAST)
 
-    # partial dw laid out as [SPLIT, COUT, CIN_G, KH, KW]
-    out_off = ((split * COUT + g * COUT_G + offs_co)[:, None] * CIN_G + offs_ci[None, :]) * (KH * KW) + r
+    # split s of dw in the weight's layout: [SPLIT, COUT, CIN_G, KH, KW], contiguous or (OUT_CL)
+    # channels_last, i.e. [SPLIT, COUT, KH, KW, CIN_G] in memory
+    co = split * COUT + g * COUT_G + offs_co
+    if OUT_CL:
+        out_off = (co[:, None] * (KH * KW) + r) * CIN_G + offs_ci[None, :]
+    else:
+        out_off = (co[:, None] * CIN_G + offs_ci[None, :]) * (KH * KW) + r
     tl.store(part_ptr + out_off, acc, mask=co_mask[:, None] & ci_mask[None, :])
 
 
@@ -512,30 +656,48 @@ _conv_wgrad_tuned = triton.autotune(
     do_bench=bench_l2_flush, cache_results=True,
 )(_conv_wgrad_kernel)
 
+_WGRAD_PLANS = PlanCache()
 
-def conv_wgrad(x, dz, geom: ConvGeom, dtype: torch.dtype) -> torch.Tensor:
-    """dL/dweight (shape of the weight, ``dtype``) from NHWC ``x`` and dL/dz."""
-    gm = geom
-    interp = interpreting()
-    # split the pixel reduction so that small layers still fill the GPU
-    tiles = gm.groups * gm.kh * gm.kw * triton.cdiv(gm.cout_g, 64) * triton.cdiv(gm.cin_g, 64)
-    split = 1 if interp else max(1, min(2 * num_sms(x.device) // max(tiles, 1), triton.cdiv(gm.m, 512), 64))
-    k_per_split = triton.cdiv(triton.cdiv(gm.m, split), 64) * 64
-    split = triton.cdiv(gm.m, k_per_split)
-    part = torch.empty((split, gm.cout, gm.cin_g, gm.kh, gm.kw), device=x.device, dtype=torch.float32)
-    args = (dz, x, part, gm.m, gm.h, gm.w, gm.c, gm.oh, gm.ow, gm.cout, gm.cin_g, gm.cout_g,
-            gm.stride[0], gm.stride[1], gm.padding[0], gm.padding[1], gm.dilation[0], gm.dilation[1],
-            k_per_split, m_bucket(gm.m))
-    meta = dict(KH=gm.kh, KW=gm.kw, DOT_PREC=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype))
 
-    def grid(meta_):
-        per_tap = triton.cdiv(gm.cout_g, meta_["BLOCK_M"]) * triton.cdiv(gm.cin_g, meta_["BLOCK_N"])
-        return (gm.kh * gm.kw * per_tap, split, gm.groups)
+def _wgrad_split(gm: ConvGeom, device) -> tuple[int, int]:
+    """``(split, pixels per split)``: the pixel reduction is split so that small layers still
+    fill the GPU."""
+    tiles = gm.groups * gm.kh * gm.kw * cdiv(gm.cout_g, 64) * cdiv(gm.cin_g, 64)
+    split = 1 if interpreting() else max(1, min(2 * num_sms(device) // max(tiles, 1), cdiv(gm.m, 512), 64))
+    k_per_split = cdiv(cdiv(gm.m, split), 64) * 64
+    return cdiv(gm.m, k_per_split), k_per_split
 
-    if interp:
+
+def conv_wgrad(x, dz, gm: ConvGeom, weight: torch.Tensor) -> torch.Tensor:
+    """dL/dweight (shape, dtype and memory layout of ``weight``) from channels_last ``x`` and
+    dL/dz."""
+    cl = weight.is_contiguous(memory_format=CL) and not weight.is_contiguous()
+    key = (gm, x.dtype, x.device, cl, dot_precision(x.dtype), deterministic(), interpreting())
+    plan = _WGRAD_PLANS.get(key)
+    split = plan.grid[1] if plan is not None else _wgrad_split(gm, x.device)[0]
+    wshape = (gm.cout, gm.cin_g, gm.kh, gm.kw)
+    # fp32 partials, one weight-shaped block per split, in the weight's layout (the result
+    # itself when that is one fp32 block)
+    part = torch.empty((split * gm.cout, gm.cin_g, gm.kh, gm.kw), device=x.device, dtype=torch.float32,
+                       memory_format=CL if cl else torch.contiguous_format)
+    dynamic = (dz, x, part)
+
+    def build():
+        k_per_split = _wgrad_split(gm, x.device)[1]
+        static = (gm.m, gm.h, gm.w, gm.c, gm.oh, gm.ow, gm.cout, gm.cin_g, gm.cout_g,
+                  gm.stride[0], gm.stride[1], gm.padding[0], gm.padding[1], gm.dilation[0], gm.dilation[1],
+                  k_per_split, m_bucket(gm.m))
+        meta = dict(KH=gm.kh, KW=gm.kw, OUT_CL=cl, DOT_PREC=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype))
+
+        def grid(meta_):
+            per_tap = cdiv(gm.cout_g, meta_["BLOCK_M"]) * cdiv(gm.cin_g, meta_["BLOCK_N"])
+            return (gm.kh * gm.kw * per_tap, split, gm.groups)
+
         blocks = {"BLOCK_M": pow2(gm.cout_g, 16, 64), "BLOCK_N": pow2(gm.cin_g, 16, 64), "BLOCK_K": pow2(gm.m, 16, 128)}
-        _conv_wgrad_kernel[grid](*args, **meta, **blocks)
-    else:
-        _launch(_conv_wgrad_tuned, _conv_wgrad_kernel, grid, args, meta, _WGRAD_FIXED)
-    dw = part[0] if split == 1 else part.sum(0)
-    return dw.to(dtype)
+        return static, meta, grid, blocks
+
+    _planned(_WGRAD_PLANS, key, _conv_wgrad_tuned, _conv_wgrad_kernel, dynamic, build, _WGRAD_FIXED)
+    if split > 1:
+        dw = torch.empty(wshape, device=x.device, dtype=torch.float32, memory_format=CL if cl else torch.contiguous_format)
+        part = torch.sum(part.view(split, *wshape), 0, out=dw)
+    return part if weight.dtype == torch.float32 else part.to(weight.dtype)

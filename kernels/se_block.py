@@ -3,14 +3,15 @@ squeeze-and-excitation tail of an SE-ResNeXt block (scale, residual add, final R
 
 Design
 ------
-``x`` is viewed as NHWC ``[N, HW, C]``; the squeeze vectors are fp32 ``[N, C]`` / ``[N, HID]``.
+``x`` is a channels_last tensor, i.e. NHWC ``[N, HW, C]``; the squeeze vectors are fp32
+``[N, C]`` / ``[N, HID]``.
 
 * **Forward, three launches**: (1) ``_se_pool_kernel``, grid (N, channel blocks), loops over
   HW in BLOCK_HW rows and writes the fp32 channel means ``s``; (2) ``_se_fc_kernel``, one
   program per sample: ``h = relu(W1 s + b1)`` then ``g = sigmoid(W2 h + b2)``, looping over
   channel blocks (the hidden width lives in one register block); (3) ``_se_apply_kernel``:
   ``y = act(x * g[n, c] [+ residual])``, elementwise over (rows, channel blocks).
-* **Saved for backward**: ``x`` (NHWC), the small fp32 vectors ``s``, ``h``, ``g``, the FC
+* **Saved for backward**: ``x`` (channels_last), the small fp32 vectors ``s``, ``h``, ``g``, the FC
   weights, and a reference to the residual only when a non-identity activation follows it.
   The forward hands its caller a recipe that rebuilds the output from ``x``, ``g`` and the
   residual (``rebuild=``); the ops layer marks the output rebuildable with it
@@ -22,6 +23,17 @@ Design
   ``_se_bwd_apply_kernel``: ``dx = du*g + ds/HW``. The FC weight/bias gradients are four
   tiny ``[N, C] x [N, HID]`` products done with ``torch.mm`` / ``sum`` (cuBLAS): a batch
   of 128 against a 64 x 1024 matrix is far below where a custom kernel would pay off.
+
+Design notes: launches and passes over memory (``N x C x H x W`` tensors; the squeeze
+vectors are ``[N, C]``)
+-------------------------------------------------------------------------------------
+* forward: 3 launches -- pool (reads x), fc (vectors only), apply (reads x [+ residual],
+  writes y): 2 reads of x, 1 write.
+* backward: 3 launches + 4 small ATen products / sums for the FC weight and bias gradients --
+  reduce (reads dy, x [+ residual], writes dresidual when wanted), fc backward (vectors
+  only), apply (reads dy, x [+ residual], writes dx). A rebuilt output costs one apply launch
+  in the consumer's backward.
+* host: launch parameters per shape are cached.
 """
 from __future__ import annotations
 
@@ -30,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .activations import act_code, act_grad, apply_act
-from .utils import from_nhwc, interpreting, nchw_output, pow2, rebuild_nchw_res, to_nhwc
+from .utils import PlanCache, as_cl, cdiv, interpreting, pow2, rebuild_apply
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -190,87 +202,104 @@ def _se_bwd_apply_kernel(dy_ptr, x_ptr, res_ptr, g_ptr, ds_ptr, dx_ptr, R, HW, C
 
 # --------------------------------------------------------------------------- launchers
 
-def _blocks(rows, c):
-    bc = pow2(c, 16, 64)
-    return pow2(rows, 16, (8192 if interpreting() else 4096) // bc), bc
+_PLANS = PlanCache()
 
 
-def _se_apply(xh, g, rh, act, act_param):
-    """``act(x * g[n, c] [+ residual])`` over NHWC ``xh``: the forward's last launch, and the
-    recipe that rebuilds the block output in backward (same kernel, same inputs: bit for bit)."""
-    n, hh, ww, c = xh.shape
+def _layout(n, c, hw, hid):
+    """Grids and block sizes of the SE launches for one shape (cached)."""
+    interp = interpreting()
+    key = (n, c, hw, hid, interp)
+    lay = _PLANS.get(key)
+    if lay is None:
+        lim = 8192 if interp else 4096
+        bc = pow2(c, 16, 64)
+        bhw = pow2(hw, 16, lim // bc)
+        bm = pow2(n * hw, 16, lim // bc)
+        bh = pow2(hid, 16, 4096)
+        lay = _PLANS.put(key, dict(
+            per_sample=((n, cdiv(c, bc)), dict(BLOCK_HW=bhw, BLOCK_C=bc)),
+            fc=((n,), dict(BLOCK_H=bh, BLOCK_C=pow2(c, 16, max(16, 4096 // bh)))),
+            rows=((cdiv(n * hw, bm), cdiv(c, bc)), dict(BLOCK_M=bm, BLOCK_C=bc))))
+    return lay
+
+
+def _se_apply(x, g, rx, act, act_param):
+    """``act(x * g[n, c] [+ residual])`` over channels_last ``x``: the forward's last launch,
+    and the recipe that rebuilds the block output in backward (same kernel, same inputs: bit
+    for bit)."""
+    n, c, hh, ww = x.shape
     hw = hh * ww
-    y = torch.empty_like(xh)
-    bm, bc = _blocks(n * hw, c)
-    _se_apply_kernel[(triton.cdiv(n * hw, bm), triton.cdiv(c, bc))](
-        xh, g, rh if rh is not None else xh, y, n * hw, hw, c, float(act_param),
-        ACT=act_code(act), HAS_RES=rh is not None, BLOCK_M=bm, BLOCK_C=bc)
+    y = torch.empty_like(x)
+    grid, blocks = _layout(n, c, hw, 0)["rows"]
+    _se_apply_kernel[grid](x, g, x if rx is None else rx, y, n * hw, hw, c, float(act_param),
+                           ACT=act_code(act), HAS_RES=rx is not None, **blocks)
     return y
 
 
 class _SeBlockFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, residual, cfg, rebuild):
-        act, act_param = cfg
+        act, act_param, records = cfg
         n, c, hh, ww = x.shape
         hw, hid = hh * ww, w1.shape[0]
-        xh = to_nhwc(x)
-        rh = to_nhwc(residual)
+        xc = as_cl(x)
+        rc = as_cl(residual)
+        lay = _layout(n, c, hw, hid)
         dev = x.device
         s = torch.empty((n, c), device=dev, dtype=torch.float32)
         h = torch.empty((n, hid), device=dev, dtype=torch.float32)
         g = torch.empty((n, c), device=dev, dtype=torch.float32)
-        bhw, bc = _blocks(hw, c)
-        _se_pool_kernel[(n, triton.cdiv(c, bc))](xh, s, hw, c, BLOCK_HW=bhw, BLOCK_C=bc)
-        bh = pow2(hid, 16, 4096)
-        _se_fc_kernel[(n,)](s, w1, b1 if b1 is not None else w1, w2, b2 if b2 is not None else w2, h, g,
-                            c, hid, HAS_B1=b1 is not None, HAS_B2=b2 is not None,
-                            BLOCK_H=bh, BLOCK_C=pow2(c, 16, max(16, 4096 // bh)))
-        y = nchw_output(_se_apply(xh, g, rh, act, act_param))
+        grid, blocks = lay["per_sample"]
+        _se_pool_kernel[grid](xc, s, hw, c, **blocks)
+        grid, blocks = lay["fc"]
+        _se_fc_kernel[grid](s, w1, w1 if b1 is None else b1, w2, w2 if b2 is None else b2, h, g,
+                            c, hid, HAS_B1=b1 is not None, HAS_B2=b2 is not None, **blocks)
+        y = _se_apply(xc, g, rc, act, act_param)
         if rebuild is not None:
             # the block output is rebuilt from x (a recipe itself in a fused SE-ResNeXt), the
             # gate and the residual by the same apply launch (fastcnn.recompute)
-            rebuild.extend((rebuild_nchw_res, _se_apply, xh, (g,), residual, act, act_param))
-        ctx.cfg = cfg
-        ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
-        ctx.save_for_backward(xh, s, h, g, w1, w2, rh if act != "identity" else None)
+            rebuild.extend((rebuild_apply, _se_apply, xc, (g,), residual, act, act_param))
+        if records and any(ctx.needs_input_grad[:6]):
+            ctx.cfg = cfg
+            ctx.bias_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
+            ctx.save_for_backward(xc, s, h, g, w1, w2, rc if act != "identity" else None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xh, s, h, g, w1, w2, rh = ctx.saved_tensors
-        act, act_param = ctx.cfg
-        n, hh, ww, c = xh.shape
+        xc, s, h, g, w1, w2, rc = ctx.saved_tensors
+        act, act_param, _ = ctx.cfg
+        n, c, hh, ww = xc.shape
         hw, hid = hh * ww, w1.shape[0]
+        lay = _layout(n, c, hw, hid)
         need_x, need_w1, need_b1, need_w2, need_b2, need_r = ctx.needs_input_grad[:6]
-        dyh = to_nhwc(dy.to(xh.dtype))
-        meta = dict(ACT=act_code(act), HAS_RES=rh is not None and act != "identity")
-        res = rh if rh is not None else xh
-        dg = torch.empty((n, c), device=xh.device, dtype=torch.float32)
-        dres = torch.empty_like(xh) if need_r else xh
-        bhw, bc = _blocks(hw, c)
-        _se_bwd_reduce_kernel[(n, triton.cdiv(c, bc))](
-            dyh, xh, res, g, dg, dres, hw, c, float(act_param), STORE_DRES=need_r,
-            BLOCK_HW=bhw, BLOCK_C=bc, **meta)
-        dl2 = torch.empty((n, c), device=xh.device, dtype=torch.float32)
-        dh = torch.empty((n, hid), device=xh.device, dtype=torch.float32)
-        ds = torch.empty((n, c), device=xh.device, dtype=torch.float32)
-        bh = pow2(hid, 16, 4096)
-        _se_fc_bwd_kernel[(n,)](dg, g, h, w1, w2, dl2, dh, ds, c, hid, BLOCK_H=bh,
-                                BLOCK_C=pow2(c, 16, max(16, 4096 // bh)))
+        dyc = as_cl(dy.to(xc.dtype))
+        meta = dict(ACT=act_code(act), HAS_RES=rc is not None and act != "identity")
+        res = xc if rc is None else rc
+        dev = xc.device
+        dg = torch.empty((n, c), device=dev, dtype=torch.float32)
+        dres = torch.empty_like(xc) if need_r else None
+        grid, blocks = lay["per_sample"]
+        _se_bwd_reduce_kernel[grid](
+            dyc, xc, res, g, dg, xc if dres is None else dres, hw, c, float(act_param), STORE_DRES=need_r,
+            **blocks, **meta)
+        dl2 = torch.empty((n, c), device=dev, dtype=torch.float32)
+        dh = torch.empty((n, hid), device=dev, dtype=torch.float32)
+        ds = torch.empty((n, c), device=dev, dtype=torch.float32)
+        grid, blocks = lay["fc"]
+        _se_fc_bwd_kernel[grid](dg, g, h, w1, w2, dl2, dh, ds, c, hid, **blocks)
         dx = None
         if need_x:
-            dxh = torch.empty_like(xh)
-            bm, bc = _blocks(n * hw, c)
-            _se_bwd_apply_kernel[(triton.cdiv(n * hw, bm), triton.cdiv(c, bc))](
-                dyh, xh, res, g, ds, dxh, n * hw, hw, c, float(act_param), BLOCK_M=bm, BLOCK_C=bc, **meta)
-            dx = from_nhwc(dxh)
+            dx = torch.empty_like(xc)
+            grid, blocks = lay["rows"]
+            _se_bwd_apply_kernel[grid](
+                dyc, xc, res, g, ds, dx, n * hw, hw, c, float(act_param), **blocks, **meta)
         b1_dt, b2_dt = ctx.bias_dtypes
         dw1 = (dh.t() @ s).to(w1.dtype) if need_w1 else None
         db1 = dh.sum(0).to(b1_dt) if need_b1 else None
         dw2 = (dl2.t() @ h).to(w2.dtype) if need_w2 else None
         db2 = dl2.sum(0).to(b2_dt) if need_b2 else None
-        return dx, dw1, db1, dw2, db2, (from_nhwc(dres) if need_r else None), None, None
+        return dx, dw1, db1, dw2, db2, dres, None, None
 
 
 def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, act="relu", act_param=0.0,
@@ -279,4 +308,4 @@ def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, ac
     that receives ``(fn, *args)`` with ``fn(*args)`` recomputing the output bit for bit (for
     :func:`fastcnn.recompute.mark_rebuildable`, which the ops layer calls)."""
     return _SeBlockFn.apply(x, fc1_weight.contiguous(), fc1_bias, fc2_weight.contiguous(), fc2_bias,
-                            residual, (act, float(act_param)), rebuild)
+                            residual, (act, float(act_param), torch.is_grad_enabled()), rebuild)

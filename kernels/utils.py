@@ -1,16 +1,32 @@
-"""Host-side helpers shared by the Triton ops: layout conversion (NCHW <-> NHWC), block-size
-choice, interpreter detection and the dot-product precision that matches cuDNN's."""
+"""Host-side helpers shared by the Triton ops: the channels_last layout the kernels read and
+write, block-size arithmetic, the per-shape launch-plan cache, reusable scratch buffers,
+interpreter detection and the dot-product precision that matches cuDNN's.
+
+Layout: every activation a kernel reads or writes is an ``(N, C, H, W)`` tensor in
+channels_last memory, which *is* the NHWC matrix ``[N*H*W, C]`` the kernels index (a Triton
+kernel sees a base pointer only). A channels_last input is therefore read in place, any other
+layout is copied once (:func:`as_cl`), and outputs are allocated channels_last
+(:func:`empty_cl`): no permuted views, no ``set_`` tricks, and an output owns its storage
+(what :func:`fastcnn.recompute.mark_rebuildable` needs).
+
+Host cost: everything here runs on every op call, so it avoids Triton's ``constexpr_function``
+helpers (``triton.cdiv`` / ``triton.next_power_of_2`` cost ~2 us per call from Python) and
+PyTorch property lookups that go through Python (``torch.backends.cudnn.allow_tf32``)."""
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
-import triton
+
+#: Triton decides at import (``@triton.jit`` builds interpreter or compiler objects), so the
+#: ops read the variable once too (an environment lookup per launch is ~0.6 us).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def interpreting() -> bool:
     """True when kernels run in the Triton interpreter (CPU, ``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 def _fix_interpreter_scalar_index() -> bool:
@@ -53,48 +69,89 @@ def _fix_interpreter_scalar_index() -> bool:
 _fix_interpreter_scalar_index()  # only the interpreter's patching changes: harmless when compiling
 
 
-def to_nhwc(t: torch.Tensor | None) -> torch.Tensor | None:
-    """(N, C, H, W) tensor -> contiguous (N, H, W, C) tensor. A channels_last input is a
-    free view; any other layout (NCHW, non-contiguous) is copied once."""
-    if t is None:
-        return None
-    return t.permute(0, 2, 3, 1).contiguous()
+CL = torch.channels_last
 
 
-def from_nhwc(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous (N, H, W, C) buffer -> (N, C, H, W) view in channels_last memory format."""
-    return t.permute(0, 3, 1, 2)
+def as_cl(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` in channels_last memory: ``t`` itself when it already is (no copy, no view),
+    else one copy. ``None`` stays ``None``."""
+    return None if t is None else t.contiguous(memory_format=CL)
 
 
-def nchw_output(yh: torch.Tensor) -> torch.Tensor:
-    """The (N, C, H, W) channels_last tensor an op returns for its NHWC result buffer ``yh``.
-    Unlike ``from_nhwc`` (a view) it owns the storage, so callers may change it in place
-    (``relu_``, ``+=``): autograd forbids in-place changes to views made in a custom Function."""
-    n, h, w, c = yh.shape
-    out = yh.new_empty(0)
-    return out.set_(yh.untyped_storage(), yh.storage_offset(), (n, c, h, w), (h * w * c, 1, w * c, c))
+def empty_cl(shape, ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A new ``(N, C, H, W)`` channels_last tensor on ``ref``'s device (``ref``'s dtype unless
+    given): the NHWC buffer a kernel writes, and the tensor the op returns."""
+    return torch.empty(shape, dtype=dtype or ref.dtype, device=ref.device, memory_format=CL)
 
 
-def rebuild_nchw_res(fn, xh, vectors, residual, act, act_param) -> torch.Tensor:
-    """``nchw_output(fn(xh, *vectors, to_nhwc(residual), act, act_param))``: the recipe the
-    elementwise epilogues (``bn_apply``, the SE apply) give :mod:`fastcnn.recompute` for an
-    output they returned through :func:`nchw_output`. The recipe holds the residual as the
-    op received it (NCHW, usually itself a recipe in a fused model), not its NHWC copy, which
-    may be a temporary the op does not keep."""
-    return nchw_output(fn(xh, *vectors, to_nhwc(residual), act, act_param))
+def rebuild_apply(fn, x, vectors, residual, act, act_param) -> torch.Tensor:
+    """``fn(x, *vectors, as_cl(residual), act, act_param)``: the recipe the elementwise epilogues
+    (``bn_apply``, the SE apply) hand their caller for :mod:`fastcnn.recompute` -- the same
+    launch on the same inputs, so the rebuilt output is bit for bit the original. The recipe
+    holds the residual as the op received it (usually itself a recipe in a fused model), not
+    its channels_last copy, which may be a temporary the op does not keep."""
+    return fn(x, *vectors, as_cl(residual), act, act_param)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
 def pow2(n: int, lo: int = 16, hi: int = 128) -> int:
     """The next power of two >= n, clamped to [lo, hi]."""
-    return max(lo, min(hi, triton.next_power_of_2(max(1, int(n)))))
+    return max(lo, min(hi, next_pow2(n)))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 GEMMs use TF32 exactly when cuDNN's convolutions would (``torch.backends.cudnn.
-    allow_tf32``, on by default), so the fused ops match the unfused ones on the same GPU."""
-    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+    allow_tf32``, on by default), so the fused ops match the unfused ones on the same GPU.
+    (Read through ``torch._C`` -- what the ``torch.backends`` property calls -- at ~1/10 the
+    cost.)"""
+    if dtype == torch.float32 and not torch._C._get_cudnn_allow_tf32():
         return "ieee"
     return "tf32"
+
+
+class PlanCache(dict):
+    """Launch plans of one launcher, keyed on everything they depend on (shapes, dtypes,
+    device, flags, interpreter / deterministic mode): grid, block sizes and the config the
+    autotuner chose, computed on the first call of a key and reused after, so a call costs a
+    dict lookup instead of the arithmetic and the autotuner's own key building. Cleared when
+    it reaches ``limit`` entries (a process sees a handful of shapes per layer; a workload
+    with ever-new shapes must not grow it without bound)."""
+
+    def __init__(self, limit: int = 4096):
+        super().__init__()
+        self.limit = limit
+
+    def put(self, key, plan):
+        if len(self) >= self.limit:
+            self.clear()
+        self[key] = plan
+        return plan
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(numel: int, device: torch.device) -> torch.Tensor:
+    """A flat fp32 buffer of at least ``numel`` elements on ``device``, for partial results that
+    the launches of *one* op call write and then read (the BN statistics partials), reused from
+    call to call instead of allocated each time. One buffer per (thread, device, CUDA stream):
+    launches on one stream run in order, so the next call's writes come after this call's
+    reads; another stream or thread (autograd's backward thread) has its own. It must never
+    outlive the call: not returned, not saved for backward, not held by a recipe."""
+    bufs = _SCRATCH.__dict__
+    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index)) if device.type == "cuda" else device
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[key] = torch.empty(max(int(numel), 1 << 12), dtype=torch.float32, device=device)
+    return buf
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:
@@ -164,7 +221,13 @@ def bench_l2_flush(kernel_call, quantiles=None, warmup_ms: float = 25, rep_ms: f
     return float(times.mean())
 
 
+_SMS: dict = {}
+
+
 def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    if device.type != "cuda":
+        return 1
+    n = _SMS.get(device.index)
+    if n is None:
+        n = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n

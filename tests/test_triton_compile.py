@@ -221,11 +221,11 @@ def _scenarios(sweep):
             backward(y)
         return run
 
-    def bn_act(dtype, pdtype, *, training=True, act="relu", ap=0.0, res=True, c=64):
+    def bn_act(dtype, pdtype, *, training=True, act="relu", ap=0.0, res=True, c=64, hw=8):
         def run():
-            y = mods["bn_act"].bn_act(t(2, c, 8, 8, dtype=dtype), *bn_params(c, pdtype), training=training,
+            y = mods["bn_act"].bn_act(t(2, c, hw, hw, dtype=dtype), *bn_params(c, pdtype), training=training,
                                       momentum=0.1, eps=1e-5, act=act, act_param=ap,
-                                      residual=t(2, c, 8, 8, dtype=dtype) if res else None)
+                                      residual=t(2, c, hw, hw, dtype=dtype) if res else None)
             backward(y)
         return run
 
@@ -255,6 +255,13 @@ def _scenarios(sweep):
     for dt in dtypes if full else (f16,):
         out.append((f"conv_act 3x3 c128 silu {name(dt)}", {"_conv_fwd_kernel"} if not full else gemms,
                     conv_act(dt, cin=128, cout=128, act="silu")))
+    # the input gradient's sub-pixel phases (stride 2) in every config
+    for dt in dtypes if full else (f32, bf16):
+        out.append((f"conv_bn_act train 3x3 s2 c128 {name(dt)}", {"_conv_dgrad_kernel"},
+                    conv_bn_act(dt, f32 if dt != f32 else dt, cin=128, cout=128, s=2, res=False)))
+    # many statistics partials: the parallel merge before the finalize (> DIRECT_ROWS rows)
+    for dt in dtypes if full else (bf16,):
+        out.append((f"bn_act train many-partials {name(dt)}", full, bn_act(dt, f32, c=64, hw=72)))
     # the other conv geometries: 1x1 stride 2 shortcut, grouped 3x3 (ResNeXt-29 8x64d: 64 channels
     # per group; 32 groups of 8), 5x5, the stem (3 input channels)
     geoms = {
