@@ -55,14 +55,16 @@ the next call repack. Forward and the input-gradient GEMM of the same step share
 (before: one permute-copy per forward and another per backward, each a full weight pass).
 
 Memory: one weight-sized buffer per live NCHW KxK weight, held as long as the weight lives.
-For wrn28_10 (36.5 M parameters, almost all 3x3) kept NCHW in fp32 that is ~146 MB
-(bf16 under autocast: ~73 MB, held from forward to backward, since autocast's bf16 copy is a
-new tensor per step) -- against a forward/backward at batch 128 that keeps several GB of
-activations, and it saves two weight passes per step (one in inference). With channels_last
-weights (the training path on GPUs) there is no pack and no cache entry at all, which is the
-recommended setup. Caveat (PyTorch semantics): a write through ``p.data`` (``p.data.add_()``)
-does not move ``p._version``; after such a write to an NCHW KxK weight call
-:func:`clear_weight_packs` (or keep weights channels_last).
+For wrn28_10 (36.48 M parameters, 36.20 M of them in 3x3 convolutions) kept NCHW that is
+138 MiB in fp32 (weights + packs: 2x the weight memory); under autocast the bf16 weight is a
+new tensor each step, so its pack (69 MiB) lives from the forward to the end of the backward,
+where before two transient copies were made per layer and step. Against the activations a
+batch-128 step keeps (several GiB) that is a few percent; what it saves is two weight passes
+per training step and one per inference call, and the Python of the copies. With
+channels_last weights (the training path on GPUs) there is no pack and no cache entry at all:
+that is the recommended setup, and it makes the question moot. Caveat (PyTorch semantics): a
+write through ``p.data`` (``p.data.add_()``) does not move ``p._version``; after such a write
+to an NCHW KxK weight call :func:`clear_weight_packs` (or keep weights channels_last).
 
 Nothing here saves tensors for backward; the ops' autograd Functions decide that. No
 cuDNN call is used: every convolution of the fused ops is one of these kernels.

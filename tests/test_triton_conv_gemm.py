@@ -168,3 +168,25 @@ def test_finalize_merges_many_partials(t_rows, offset):
     torch.testing.assert_close(stats[2].double(), gamma.double() * stats[1].double(), rtol=1e-6, atol=0)
     torch.testing.assert_close(rm.double(), 0.5 * mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(rv.double(), 0.5 + 0.5 * v64.var(0, unbiased=True), rtol=rtol, atol=0)
+
+
+def test_conv_bn_act_with_many_tiles_merges_its_statistics():
+    """End to end: a conv with more output tiles than DIRECT_ROWS (the merge path) gives the
+    reference output and running statistics."""
+    import fastcnn
+    from fastcnn import ops
+    from fastcnn.ops import reference
+
+    x = torch.randn(2, 3, 96, 96)
+    w = torch.randn(4, 3, 1, 1)
+    gamma, beta = torch.rand(4) + 0.5, torch.randn(4)
+    stats = [(torch.zeros(4), torch.ones(4)) for _ in range(2)]
+    kw = dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, training=True, momentum=0.1, eps=1e-5,
+              act="relu", act_param=0.0, residual=None)
+    with torch.no_grad(), fastcnn.use_backend("triton"):
+        y = ops.conv_bn_act(x, w, None, gamma, beta, *stats[0], **kw)
+    assert any(k[2] == 2 * 96 * 96 and v[0] is not None for k, v in ba._FIN.items()), "merge path not taken"
+    yr = reference.conv_bn_act(x, w, None, gamma, beta, *stats[1], **kw)
+    torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-4)
+    for ours, ref in zip(stats[0], stats[1]):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
