@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastcnn
-from fastcnn import backend as _backend
+from fastcnn.ops import dispatch as _backend
 from fastcnn.ops import reference as ref
 
 pytestmark = pytest.mark.gpu

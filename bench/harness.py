@@ -44,7 +44,7 @@ def autocast():
 def fused_backends() -> list[str]:
     """Backends timed on this device: every built one that runs natively (on CPU the Triton
     interpreter is excluded: it is a test tool, its timings mean nothing)."""
-    names = fastcnn.backend.available_backends("conv_bn_act", DEVICE)
+    names = fastcnn.ops.dispatch.available_backends("conv_bn_act", DEVICE)
     return [b for b in names if b != "reference" and not (DEVICE == "cpu" and b == "triton")]
 
 

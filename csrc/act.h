@@ -23,6 +23,17 @@ inline Act parse_act(const std::string& name) {
                     "'; choose one of identity, relu, leaky_relu, elu, silu, gelu");
 }
 
+inline const char* act_name(Act a) {
+  switch (a) {
+    case kIdentity: return "identity";
+    case kRelu: return "relu";
+    case kLeakyRelu: return "leaky_relu";
+    case kElu: return "elu";
+    case kSilu: return "silu";
+    default: return "gelu";
+  }
+}
+
 // Dispatch a runtime activation id to a compile-time constant `ACT` inside the lambda body.
 #define FASTCNN_DISPATCH_ACT(act_id, ...)                                   \
   [&] {                                                                     \

@@ -10,12 +10,12 @@
 
 #include <cmath>
 
+#include "bn_act.h"
 #include "common.h"
+#include "layer_op.h"
 
 namespace fastcnn {
 namespace {
-
-using at::Tensor;
 
 // Per-channel fp32 vectors of BN: scale = weight / sqrt(var + eps), shift = bias - mean * scale
 // (and invstd = 1 / sqrt(var + eps)). On CPU one loop computes them: the chain of tiny ATen ops
@@ -27,7 +27,7 @@ struct BnCoef {
 BnCoef bn_coef(const Tensor& weight, const Tensor& bias, const Tensor& mean_, const Tensor& var_,
                double eps) {
   const Tensor mean = f32(mean_), var = f32(var_);
-  if (!mean.is_cpu()) {
+  if (!plain_cpu(mean) || !plain_cpu(var) || !plain_cpu(weight) || !plain_cpu(bias)) {
     const Tensor invstd = at::rsqrt(var + eps);
     const Tensor scale = f32(weight) * invstd;
     return {scale, f32(bias) - mean * scale, invstd};
@@ -55,7 +55,7 @@ struct BnGrad {
 
 BnGrad bn_grad(const BnCoef& k, const Tensor& sums, int64_t m) {
   const double inv_m = 1.0 / static_cast<double>(m);
-  if (!sums.is_cpu()) {
+  if (!plain_cpu(sums)) {
     const Tensor sum_dz = sums[0].contiguous(), sum_dzx = sums[1].contiguous();
     return {(-inv_m) * k.scale * k.invstd * k.invstd * sum_dzx, (-inv_m) * k.scale * sum_dz,
             sum_dzx * k.invstd, sum_dz.clone()};
@@ -212,6 +212,116 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> scale_shift_act_backward(
 
 }  // namespace
 
+// ----------------------------------------------------------------------- the layer semantics
+BnLayerOut bn_layer_forward(const Tensor& z, const Tensor& weight, const Tensor& bias, const OptT& running_mean,
+                            const OptT& running_var, const OptT& residual, bool training, double momentum,
+                            double eps, c10::string_view act, double act_param) {
+  if (training) {
+    auto [y, mean, var] = op_bn_act_forward().call(z, weight, bias, residual, eps, act, act_param);
+    update_running_stats(running_mean, running_var, mean, var, z.numel() / z.size(1), momentum);
+    return {y, mean, var};
+  }
+  TORCH_CHECK_VALUE(running_mean.has_value() && running_var.has_value(),
+                    "fastcnn: bn_act in eval mode needs running_mean and running_var");
+  check_activation(z, "x");
+  check_vector(*running_mean, z.size(1), z, "running_mean");
+  check_vector(*running_var, z.size(1), z, "running_var");
+  check_vector(weight, z.size(1), z, "bn_weight");
+  check_vector(bias, z.size(1), z, "bn_bias");
+  const BnCoef k = bn_coef(weight, bias, *running_mean, *running_var, eps);
+  return {op_scale_shift_act().call(z, k.scale, k.shift, residual, act, act_param), Tensor(), Tensor()};
+}
+
+BnLayerGrad bn_layer_backward(const Tensor& gy, const Tensor& z, const Tensor& weight, const Tensor& bias,
+                              const Tensor& residual, const Tensor& mean, const Tensor& var, bool training,
+                              double eps, c10::string_view act, double act_param) {
+  if (training) {
+    auto [gz, gr, gw, gb] = op_bn_act_backward().call(gy, z, weight, bias, opt(residual), mean, var, eps, act,
+                                                      act_param);
+    return {gz, residual.defined() ? gr : Tensor(), gw, gb};
+  }
+  const BnCoef k = bn_coef(weight, bias, mean, var, eps);
+  auto [gz, gr, gscale, gshift] =
+      op_scale_shift_act_backward().call(gy, z, k.scale, k.shift, opt(residual), act, act_param);
+  // scale = weight * invstd and shift = bias - mean * scale both depend on the weight
+  return {gz, residual.defined() ? gr : Tensor(), ((gscale - f32(mean) * gshift) * k.invstd).to(weight.scalar_type()),
+          gshift.to(bias.scalar_type())};
+}
+
+namespace {
+
+// --------------------------------------------------------------------- the bn_act composite
+// (y, batch mean, batch var); eval returns empty statistics
+std::tuple<Tensor, Tensor, Tensor> bn_act_outputs(const Tensor& x, BnLayerOut o) {
+  if (!o.mean.defined()) o.mean = o.var = at::empty({0}, x.options().dtype(at::kFloat));
+  return {o.y, o.mean, o.var};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> bn_act_layer(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                                const OptT& running_mean, const OptT& running_var,
+                                                const OptT& residual, bool training, double momentum, double eps,
+                                                c10::string_view act, double act_param) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return bn_act_outputs(x, bn_layer_forward(x, weight, bias, running_mean, running_var, residual, training,
+                                            momentum, eps, act, act_param));
+}
+
+namespace {
+
+struct BnActFunction : public torch::autograd::Function<BnActFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                               const OptT& running_mean, const OptT& running_var, const OptT& residual,
+                               bool training, double momentum, double eps, c10::string_view act,
+                               double act_param) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    BnLayerOut o = bn_layer_forward(x, weight, bias, running_mean, running_var, residual, training, momentum,
+                                    eps, act, act_param);
+    const Tensor mean = training ? o.mean : *running_mean, var = training ? o.var : *running_var;
+    ctx->save_for_backward({x, weight, bias, or_undefined(residual), mean, var});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["act"] = std::string(act);
+    ctx->saved_data["act_param"] = act_param;
+    auto [y, m, v] = bn_act_outputs(x, std::move(o));
+    ctx->mark_non_differentiable({m, v});
+    return {y, m, v};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &residual = saved[3];
+    variable_list out(11);
+    if (!grads[0].defined()) return out;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const std::string act = ctx->saved_data["act"].toStringRef();
+    BnLayerGrad g = bn_layer_backward(grads[0], x, weight, bias, residual, saved[4], saved[5],
+                                      ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(),
+                                      act, ctx->saved_data["act_param"].toDouble());
+    out[0] = g.gz;
+    out[1] = g.gweight;
+    out[2] = g.gbias;
+    out[5] = g.gr;
+    return out;
+  }
+};
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> bn_act_autograd(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                                   const OptT& running_mean, const OptT& running_var,
+                                                   const OptT& residual, bool training, double momentum,
+                                                   double eps, c10::string_view act, double act_param) {
+  const Tensor r = or_undefined(residual);
+  if (!any_requires_grad({&x, &weight, &bias, &r}))
+    return bn_act_layer(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act,
+                        act_param);
+  auto out = BnActFunction::apply(x, weight, bias, running_mean, running_var, residual, training, momentum,
+                                  eps, act, act_param);
+  return {out[0], out[1], out[2]};
+}
+
 TORCH_LIBRARY_IMPL(fastcnn, CPU, m) {
   m.impl("bn_act_forward", &bn_act_forward);
   m.impl("bn_act_apply", &bn_act_apply);
@@ -229,5 +339,18 @@ TORCH_LIBRARY_IMPL(fastcnn, CUDA, m) {
   m.impl("scale_shift_act_backward", &scale_shift_act_backward);
 }
 #endif
+
+// the composite layer op: one dispatcher call forward, one autograd node backward
+TORCH_LIBRARY_FRAGMENT(fastcnn, m) {
+  // act(BN(x) (+ residual)) as nn.BatchNorm2d + activation: training uses batch statistics and
+  // updates running_mean/var in place with `momentum` (resolved factor; 0: no update); eval folds
+  // the running statistics. Returns (y, batch mean, biased batch var); eval: empty statistics.
+  m.def("bn_act(Tensor x, Tensor weight, Tensor bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+        "Tensor? residual, bool training, float momentum, float eps, str act, float act_param) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastcnn, CompositeExplicitAutograd, m) { m.impl("bn_act", &bn_act_layer); }
+TORCH_LIBRARY_IMPL(fastcnn, Autograd, m) { m.impl("bn_act", &bn_act_autograd); }
 
 }  // namespace fastcnn

@@ -7,11 +7,10 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "layer_op.h"
 
 namespace fastcnn {
 namespace {
-
-using at::Tensor;
 
 void check_fc(const Tensor& x, const Tensor& w1, const c10::optional<Tensor>& b1, const Tensor& w2,
               const c10::optional<Tensor>& b2) {
@@ -102,6 +101,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> se_block_backward(
           da2.sum(0).to(b2_type)};
 }
 
+// ------------------------------------------------------------------- the se_block composite
+Tensor se_block_layer(const Tensor& x, const Tensor& w1, const OptT& b1, const Tensor& w2, const OptT& b2,
+                      const OptT& residual, c10::string_view act, double act_param) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return std::get<0>(op_se_block_forward().call(x, w1, b1, w2, b2, residual, act, act_param));
+}
+
+struct SeBlockFunction : public torch::autograd::Function<SeBlockFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w1, const OptT& b1, const Tensor& w2,
+                        const OptT& b2, const OptT& residual, c10::string_view act, double act_param) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, pooled] = op_se_block_forward().call(x, w1, b1, w2, b2, residual, act, act_param);
+    ctx->save_for_backward({x, pooled, w1, or_undefined(b1), w2, or_undefined(b2), or_undefined(residual)});
+    ctx->saved_data["act"] = std::string(act);
+    ctx->saved_data["act_param"] = act_param;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(8);
+    if (!grads[0].defined()) return out;
+    const auto s = ctx->get_saved_variables();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const std::string act = ctx->saved_data["act"].toStringRef();
+    auto [gx, gr, gw1, gb1, gw2, gb2] = op_se_block_backward().call(
+        grads[0], s[0], s[1], s[2], opt(s[3]), s[4], opt(s[5]), opt(s[6]), act, ctx->saved_data["act_param"].toDouble());
+    out[0] = gx;
+    out[1] = gw1;
+    if (s[3].defined()) out[2] = gb1;
+    out[3] = gw2;
+    if (s[5].defined()) out[4] = gb2;
+    if (s[6].defined()) out[5] = gr;
+    return out;
+  }
+};
+
+Tensor se_block_autograd(const Tensor& x, const Tensor& w1, const OptT& b1, const Tensor& w2, const OptT& b2,
+                         const OptT& residual, c10::string_view act, double act_param) {
+  const Tensor b1_ = or_undefined(b1), b2_ = or_undefined(b2), r = or_undefined(residual);
+  if (!any_requires_grad({&x, &w1, &b1_, &w2, &b2_, &r}))
+    return se_block_layer(x, w1, b1, w2, b2, residual, act, act_param);
+  return SeBlockFunction::apply(x, w1, b1, w2, b2, residual, act, act_param);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastcnn, CPU, m) {
@@ -115,5 +158,14 @@ TORCH_LIBRARY_IMPL(fastcnn, CUDA, m) {
   m.impl("se_block_backward", &se_block_backward);
 }
 #endif
+
+TORCH_LIBRARY_FRAGMENT(fastcnn, m) {
+  // the SE block as one op with its autograd in C++: se_block_forward's y
+  m.def("se_block(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
+        "Tensor? residual, str act, float act_param) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastcnn, CompositeExplicitAutograd, m) { m.impl("se_block", &se_block_layer); }
+TORCH_LIBRARY_IMPL(fastcnn, Autograd, m) { m.impl("se_block", &se_block_autograd); }
 
 }  // namespace fastcnn

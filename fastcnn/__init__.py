@@ -10,7 +10,7 @@ Front door::
 """
 __version__ = "0.1.0"
 
-from .backend import BACKENDS, BackendUnavailableError, get_backend, set_backend, use_backend
+from .ops.dispatch import BACKENDS, BackendUnavailableError, get_backend, set_backend, use_backend
 from .environment import info
 from .layers import set_fused
 from .registry import create_model, list_models, model_info, register_model

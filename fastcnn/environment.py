@@ -11,7 +11,7 @@ def collect() -> dict:
     """Versions, built extension kernels, GPU and Triton mode, as a dict."""
     import torch
 
-    from . import backend
+    from .ops import dispatch as backend
     from .ops import OPS
 
     out = {

@@ -343,7 +343,7 @@ def main(argv=None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.exit(2, "error: --device cuda: no CUDA GPU is visible\n")
     if args.fit is not None:
-        from .train import UsageError, parse_size
+        from .cli import UsageError, parse_size
 
         try:
             budget = parse_size(args.budget)

@@ -35,7 +35,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves, tree_map
 
 _ATTR = "_fastcnn_rebuild"
 _state = threading.local()
@@ -83,7 +82,7 @@ class Recipe:
         if orig is not None and orig._version == self.version:
             return orig.detach()
         with torch.no_grad():
-            root = self.fn(*tree_map(materialize, self.args))
+            root = self.fn(*_materialize_all(self.args))
         if tuple(root.shape) != self.shape or root.stride() != self.stride:
             raise RuntimeError(
                 f"fastcnn: rebuilt activation has shape {tuple(root.shape)} / strides {root.stride()}, "
@@ -100,7 +99,8 @@ class _Kept:
     depth = 0
 
     def __init__(self, t: torch.Tensor):
-        self.tensor, self.version = t.detach(), t._version
+        # detached only when it carries a graph (a recipe must not keep the graph alive)
+        self.tensor, self.version = (t if t.grad_fn is None else t.detach()), t._version
 
     def get(self) -> torch.Tensor:
         if self.tensor._version != self.version:
@@ -160,6 +160,28 @@ def materialize(c):
     return c
 
 
+def _capture_all(args) -> tuple[list, int]:
+    """:func:`capture` of every argument (into tuples and lists), and the deepest chain among
+    them. A plain loop: this runs for every fused layer's output in training, where a generic
+    pytree walk cost more than the layer's kernels at CIFAR sizes."""
+    out, depth = [], 0
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            a = _recipe_of(a) or _Kept(a)
+            depth = max(depth, a.depth)
+        elif isinstance(a, (tuple, list)):
+            inner, d = _capture_all(a)
+            a, depth = type(a)(inner), max(depth, d)
+        out.append(a)
+    return out, depth
+
+
+def _materialize_all(args) -> list:
+    return [a.get() if isinstance(a, (_Kept, _Rebuild))
+            else type(a)(_materialize_all(a)) if isinstance(a, (tuple, list)) else a
+            for a in args]
+
+
 def mark_rebuildable(y: torch.Tensor, fn: Callable[..., torch.Tensor], *args) -> bool:
     """Declare that ``fn(*args)`` recomputes ``y`` exactly (same values, shape and strides).
 
@@ -177,9 +199,8 @@ def mark_rebuildable(y: torch.Tensor, fn: Callable[..., torch.Tensor], *args) ->
         return False
     if y._base is not None:
         raise ValueError("mark_rebuildable needs the tensor that owns the storage, not a view")
-    captured = tree_map(capture, args)
-    depth = 1 + max((c.depth for c in tree_leaves(captured) if isinstance(c, (_Kept, _Rebuild))),
-                    default=0)
+    captured, depth = _capture_all(args)
+    depth += 1
     if depth > MAX_DEPTH:
         return False
     setattr(y, _ATTR, Recipe(fn, captured, y, depth))

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import fastcnn
-from fastcnn import backend, ops
+from fastcnn import ops
+from fastcnn.ops import dispatch as backend
 
 
 def test_unknown_backend_names_the_choices():

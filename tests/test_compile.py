@@ -14,7 +14,7 @@ pytestmark = pytest.mark.extension
 
 
 def _cpu_backend_built():
-    return fastcnn.backend.unavailable_reason("cpu", "conv_bn_act", "cpu") is None
+    return fastcnn.ops.dispatch.unavailable_reason("cpu", "conv_bn_act", "cpu") is None
 
 
 @pytest.mark.skipif(not _cpu_backend_built(), reason="cpu backend (compiled extension) not built")

@@ -116,7 +116,7 @@ def _run(step_cls, model, rec, cfg, steps, batches, graph=False, **kw):
 @pytest.mark.parametrize("fused, grad_clip, amp", [(False, 0.0, None), (True, 0.0, None), (False, 1.0, None),
                                                    (False, 0.0, torch.bfloat16)])
 def test_uncaptured_graph_step_computes_the_plain_step(fused, grad_clip, amp):
-    if fused and fastcnn.backend.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
+    if fused and fastcnn.ops.dispatch.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
         pytest.skip("the cpu backend (extension) is not built")
     model, rec, cfg, steps = _setup(fused=fused)
     twin = copy.deepcopy(model)
@@ -159,7 +159,7 @@ def test_uncaptured_graph_step_follows_an_lr_change_without_recapture():
 def test_the_captured_part_never_waits_for_the_device(fused):
     """What would be captured -- forward, backward, clipping, the graph-ready optimizer step with
     a tensor LR, the epoch sums -- issues no op that reads a device value on the host."""
-    if fused and fastcnn.backend.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
+    if fused and fastcnn.ops.dispatch.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
         pytest.skip("the cpu backend (extension) is not built")
     model, rec, cfg, steps = _setup(fused=fused)
     opt = build_optimizer(model, rec, True, cuda_graphs=True)

@@ -170,7 +170,7 @@ def test_bn_act_cuda(shape, layout, dtype, training):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_bn_act_apply_rebuilds_forward_bit_for_bit(layout, dtype, act, act_param, with_residual):
     """The rebuild op: bn_act_forward's y again from its own statistics, identical bits."""
-    if fastcnn.backend.unavailable_reason("cpu", "bn_act", "cpu") is not None:
+    if fastcnn.ops.dispatch.unavailable_reason("cpu", "bn_act", "cpu") is not None:
         pytest.skip("the cpu backend (extension) is not built")
     x = make((2, 10, 7, 9), layout, dtype, scale=2.0, offset=0.5)
     r = make((2, 10, 7, 9), layout, dtype) if with_residual else None

@@ -1,6 +1,6 @@
 """The dispatcher registrations of ``fastcnn._C``: ``torch.library.opcheck`` (schema, fake
 tensor, autograd registration, AOT dispatch) on every op, CPU and CUDA kernels present, and
-the ``cpu``/``cuda`` backends visible to ``fastcnn.backend``."""
+the ``cpu``/``cuda`` backends visible to ``fastcnn.ops.dispatch``."""
 from __future__ import annotations
 
 import pytest
@@ -86,10 +86,10 @@ def test_kernels_registered(name):
 def test_backends_report_availability():
     for op in eb.OPS_IN_EXTENSION:
         assert op in eb.IMPLEMENTED_OPS
-        assert fastcnn.backend.unavailable_reason("cpu", op, "cpu") is None
-        reason = fastcnn.backend.unavailable_reason("cuda", op, "cuda")
+        assert fastcnn.ops.dispatch.unavailable_reason("cpu", op, "cpu") is None
+        reason = fastcnn.ops.dispatch.unavailable_reason("cuda", op, "cuda")
         assert (reason is None) == fastcnn._C.has_cuda(), reason
-        assert "not cpu" in fastcnn.backend.unavailable_reason("cuda", op, "cpu")
+        assert "not cpu" in fastcnn.ops.dispatch.unavailable_reason("cuda", op, "cpu")
 
 
 def test_compile_traces_fused_ops():
@@ -99,7 +99,7 @@ def test_compile_traces_fused_ops():
     w, b = torch.rand(5, requires_grad=True), torch.randn(5, requires_grad=True)
     rm, rv = torch.zeros(5), torch.ones(5)
 
-    def f(x):  # the backend module's op (fastcnn.backend.resolve itself is not traced)
+    def f(x):  # the backend module's op (fastcnn.ops.dispatch.resolve itself is not traced)
         return eb.bn_act(x, w, b, rm, rv, training=True, act="relu").sum()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)

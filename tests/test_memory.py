@@ -68,7 +68,7 @@ def test_step_memory_of_a_linear_model_is_exact():
 @pytest.mark.parametrize("name", ["resnet20", "densenet_bc_100_12"])
 def test_fused_models_keep_less_than_eager(name):
     """What a fused model keeps after forward, counted independently of its own hooks."""
-    if fastcnn.backend.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
+    if fastcnn.ops.dispatch.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
         pytest.skip("the cpu backend (extension) is not built")
     from fastcnn.memory import compare_models
 
@@ -119,7 +119,7 @@ def test_peak_fitted_on_small_batches_predicts_a_larger_one():
 # all of them.
 
 def _needs_cpu_backend():
-    if fastcnn.backend.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
+    if fastcnn.ops.dispatch.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
         pytest.skip("the cpu backend (extension) is not built")
 
 
@@ -181,7 +181,7 @@ def test_triton_backend_recipes_compose():
     from fastcnn.layers import set_fused
     from fastcnn.models.densenet import DenseNetBC
 
-    if fastcnn.backend.unavailable_reason("triton", "conv_bn_act", "cpu") is not None:
+    if fastcnn.ops.dispatch.unavailable_reason("triton", "conv_bn_act", "cpu") is not None:
         pytest.skip("the triton backend cannot run on CPU here (TRITON_INTERPRET=1 and Triton needed)")
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 10, (2,), generator=gen)

@@ -54,7 +54,7 @@ def test_the_detector_catches_item():
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet164", "densenet_bc_100_12", "se_resnext29_4x64d", "simplenet_310k"])
 def test_fused_step_has_no_host_sync_cpu_backend(name):
-    if fastcnn.backend.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
+    if fastcnn.ops.dispatch.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
         pytest.skip("the cpu backend (extension) is not built")
     torch.manual_seed(0)
     model = fastcnn.create_model(name, fused=True)
@@ -64,7 +64,7 @@ def test_fused_step_has_no_host_sync_cpu_backend(name):
 @pytest.mark.triton
 def test_fused_step_has_no_host_sync_triton_backend():
     """Every fusable layer kind on the Triton path (interpreter on CPU), in one small net."""
-    if fastcnn.backend.unavailable_reason("triton", "conv_bn_act", "cpu") is not None:
+    if fastcnn.ops.dispatch.unavailable_reason("triton", "conv_bn_act", "cpu") is not None:
         pytest.skip("Triton is not available")
     torch.manual_seed(0)
 

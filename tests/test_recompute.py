@@ -14,7 +14,7 @@ from fastcnn.memory import SavedTensorCounter, saved_bytes
 
 
 def _available(backend):
-    op_ok = fastcnn.backend.unavailable_reason(backend, "conv_bn_act", "cpu") is None
+    op_ok = fastcnn.ops.dispatch.unavailable_reason(backend, "conv_bn_act", "cpu") is None
     return pytest.param(backend, marks=pytest.mark.skipif(not op_ok, reason=f"{backend} backend not available"))
 
 
@@ -85,7 +85,7 @@ def test_chain_keeps_one_activation_per_layer(backend):
 def test_zoo_models_keep_less(name, at_most):
     """Measured on the compiled cpu backend: the fraction of the unfused model's saved bytes
     that the fused model keeps (SimpleNet ~0.55, VGG-19 ~0.59, ResNet-20 ~0.75, DenseNet-BC-100 ~0.14, All-CNN-C ~1)."""
-    if fastcnn.backend.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
+    if fastcnn.ops.dispatch.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
         pytest.skip("cpu backend (compiled extension) not built")
     x = torch.randn(4, 3, 32, 32)
     torch.manual_seed(0)
@@ -178,7 +178,7 @@ def test_fused_model_still_pickles_and_copies(tmp_path):
 
 @pytest.mark.parametrize("name", ["densenet_bc_100_12", "simplenet_310k", "wrn16_8", "resnet20"])
 def test_zoo_model_gradients_identical_with_rebuilds(name):
-    if fastcnn.backend.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
+    if fastcnn.ops.dispatch.unavailable_reason("cpu", "conv_bn_act", "cpu") is not None:
         pytest.skip("cpu backend (compiled extension) not built")
     x = torch.randn(2, 3, 32, 32)
     grads = []

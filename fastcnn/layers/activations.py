@@ -13,6 +13,8 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
+from ..ops.names import ACTIVATIONS
+
 ActSpec = Union[str, Callable, type, None]
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -33,7 +35,7 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 
 #: Activations that every fused backend implements inside its kernels, by the name the
 #: kernels use; the value is the extra scalar parameter (negative slope / alpha).
-FUSED_ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu")
+FUSED_ACTIVATIONS = ACTIVATIONS
 
 
 class LambdaAct(nn.Module):

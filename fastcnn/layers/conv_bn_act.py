@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops.dispatch import implementation
 from .activations import ActSpec, create_act, fused_act_name
 
 _warned_custom_acts: set[str] = set()
@@ -36,54 +37,92 @@ def _kernel_act(act: nn.Module):
         warnings.warn(
             f"activation {key} has no fused kernel; fused layers apply it as a separate op "
             "(the conv+BN part stays fused).",
-            stacklevel=3,
+            stacklevel=4,
         )
     return "identity", 0.0, act
 
 
-def _bn_factor(bn: nn.BatchNorm2d) -> float:
-    """The running-statistics factor ``nn.BatchNorm2d.forward`` would use this step
-    (also counts the step in ``num_batches_tracked``)."""
-    if not (bn.training and bn.track_running_stats):
-        return 0.0
-    bn.num_batches_tracked.add_(1)
-    if bn.momentum is None:
-        return 1.0 / float(bn.num_batches_tracked)
-    return float(bn.momentum)
+# ----------------------------------------------------------------- BatchNorm semantics, once
+def bn_args(bn: nn.BatchNorm2d) -> dict:
+    """The fused ops' BN arguments for this call of ``bn``, with ``nn.BatchNorm2d.forward``'s
+    semantics: batch statistics in training or without running statistics; the running
+    statistics (None when not tracked); the resolved momentum (``momentum=None``: cumulative
+    average, 1 / num_batches_tracked) with ``num_batches_tracked`` counted; the kernels update
+    the running statistics with it and fold them in eval."""
+    training = bn.training or not bn.track_running_stats
+    momentum = 0.0
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return dict(training=training, momentum=momentum, eps=bn.eps)
 
 
-def _bn_uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
-    return bn.training or not bn.track_running_stats
+def _bn_tensors(bn: nn.BatchNorm2d):
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var
 
 
-def _autocast_dtype(x: torch.Tensor):
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
+_CHECKS = {"conv_bn_act": ops.check_conv_bn_act, "bn_act": ops.check_bn_act,
+           "conv_act": ops.check_conv_act, "se_block": ops.check_se_block}
 
 
 def _cast(t, dtype):
-    return None if t is None else t.to(dtype)
-
-
-def _fused_bn_act(bn: nn.BatchNorm2d, act: nn.Module, x, residual=None):
-    """``act(bn(x) [+ residual])`` through :func:`fastcnn.ops.bn_act` (x already in the compute
-    dtype); an activation without a kernel runs afterwards."""
-    name, param, leftover = _kernel_act(act)
-    y = ops.bn_act(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                   training=_bn_uses_batch_stats(bn), momentum=_bn_factor(bn), eps=bn.eps,
-                   act=name, act_param=param, residual=residual)
-    return y if leftover is None else leftover(y)
+    return None if t is None or t.dtype == dtype else t.to(dtype)
 
 
 class _Fusable(nn.Module):
-    """Holds the ``fused`` switch; :func:`fastcnn.layers.set_fused` flips it model-wide."""
+    """Holds the ``fused`` switch (:func:`fastcnn.layers.set_fused` flips it model-wide) and
+    the fused call sequence every layer uses (:meth:`_fused`):
+
+    1. the activation the kernels apply (looked up once per activation module);
+    2. under autocast, inputs cast to the autocast dtype and autocast off around the op (the
+       kernels take one dtype); otherwise the tensors go as they are;
+    3. the op's argument checks (:mod:`fastcnn.ops`) once per input signature -- shapes,
+       dtypes, devices, mode, residual -- not on every call;
+    4. the backend's implementation, a cached lookup (:func:`fastcnn.ops.implementation`);
+    5. an activation the kernels lack, applied after the op.
+    """
 
     fused: bool = False
+    _checked: tuple | None = None
+    _act_cache: tuple | None = None
 
     def extra_repr(self) -> str:
         return "fused=True" if self.fused else ""
+
+    def _act(self, act: nn.Module):
+        cache = self._act_cache
+        if cache is None or cache[0] is not act:
+            cache = self._act_cache = (act, _kernel_act(act))
+        return cache[1]
+
+    def _fused(self, op: str, act: nn.Module, x, params: tuple, kw: dict, residual=None):
+        """``op(x, *params, **kw, act=..., residual=residual)`` the fused way (steps above);
+        ``params`` are the op's tensor arguments after ``x``."""
+        name, param, leftover = self._act(act)
+        dev = x.device
+        if torch.is_autocast_enabled(dev.type):
+            dtype = torch.get_autocast_dtype(dev.type)
+            with torch.autocast(dev.type, enabled=False):
+                y = self._fused(op, act, _cast(x, dtype), _cast_params(op, params, dtype), kw,
+                                _cast(residual, dtype))
+            return y
+        signature = (x.shape, x.dtype, dev, params[0].dtype, kw.get("training"),
+                     None if residual is None else (residual.shape, residual.dtype, residual.device))
+        if signature != self._checked:
+            _CHECKS[op](x, *params, act=name, act_param=param, residual=residual, **kw)
+            self._checked = signature
+        y = implementation(op, dev)(x, *params, act=name, act_param=param, residual=residual, **kw)
+        return y if leftover is None else leftover(y)
+
+
+def _cast_params(op: str, params: tuple, dtype) -> tuple:
+    """Under autocast: the convolution / linear weights and biases in the compute dtype; BN's
+    parameters and statistics stay fp32 (the kernels read them in fp32, as autocast's BN does)."""
+    if op in ("conv_bn_act", "conv_act"):
+        return (_cast(params[0], dtype), _cast(params[1], dtype), *params[2:])
+    if op == "se_block":
+        return tuple(_cast(p, dtype) for p in params)
+    return params
 
 
 class ConvBnAct(_Fusable):
@@ -104,19 +143,10 @@ class ConvBnAct(_Fusable):
             if residual is not None:
                 y = y + residual
             return self.act(y)
-        conv, bn = self.conv, self.bn
-        name, param, leftover = _kernel_act(self.act)
-        dtype = _autocast_dtype(x)
-        training = _bn_uses_batch_stats(bn)
-        with torch.autocast(x.device.type, enabled=False):
-            y = ops.conv_bn_act(
-                x.to(dtype), conv.weight.to(dtype), _cast(conv.bias, dtype), bn.weight, bn.bias,
-                bn.running_mean, bn.running_var, stride=conv.stride, padding=conv.padding,
-                dilation=conv.dilation, groups=conv.groups, training=training,
-                momentum=_bn_factor(bn), eps=bn.eps, act=name, act_param=param,
-                residual=_cast(residual, dtype),
-            )
-        return y if leftover is None else leftover(y)
+        conv = self.conv
+        return self._fused("conv_bn_act", self.act, x, (conv.weight, conv.bias, *_bn_tensors(self.bn)),
+                           dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                groups=conv.groups, **bn_args(self.bn)), residual)
 
 
 class BnAct(_Fusable):
@@ -133,9 +163,7 @@ class BnAct(_Fusable):
             if residual is not None:
                 y = y + residual
             return self.act(y)
-        dtype = _autocast_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return _fused_bn_act(self.bn, self.act, x.to(dtype), _cast(residual, dtype))
+        return self._fused("bn_act", self.act, x, _bn_tensors(self.bn), bn_args(self.bn), residual)
 
 
 class BnActConv(_Fusable):
@@ -158,12 +186,13 @@ class BnActConv(_Fusable):
             y = self.conv(self.act(self.bn(x)))
             return y if residual is None else y + residual
         conv = self.conv
-        dtype = _autocast_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            h = _fused_bn_act(self.bn, self.act, x.to(dtype))
-            return ops.conv_act(h, conv.weight.to(dtype), _cast(conv.bias, dtype), stride=conv.stride,
-                                padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                                act="identity", residual=_cast(residual, dtype))
+        h = self._fused("bn_act", self.act, x, _bn_tensors(self.bn), bn_args(self.bn))
+        return self._fused("conv_act", _IDENTITY, h, (conv.weight, conv.bias),
+                           dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                groups=conv.groups), residual)
+
+
+_IDENTITY = nn.Identity()  # the pre-activation unit's convolution applies no activation
 
 
 class ConvAct(_Fusable):
@@ -183,11 +212,6 @@ class ConvAct(_Fusable):
                 y = y + residual
             return self.act(y)
         conv = self.conv
-        name, param, leftover = _kernel_act(self.act)
-        dtype = _autocast_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            y = ops.conv_act(x.to(dtype), conv.weight.to(dtype), _cast(conv.bias, dtype),
-                             stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                             groups=conv.groups, act=name, act_param=param,
-                             residual=_cast(residual, dtype))
-        return y if leftover is None else leftover(y)
+        return self._fused("conv_act", self.act, x, (conv.weight, conv.bias),
+                           dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                groups=conv.groups), residual)

@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
 from .activations import ActSpec, create_act
-from .conv_bn_act import _Fusable, _autocast_dtype, _cast, _kernel_act
+from .conv_bn_act import _Fusable
 
 
 class SqueezeExcite(_Fusable):
@@ -29,10 +28,5 @@ class SqueezeExcite(_Fusable):
             if residual is not None:
                 y = y + residual
             return self.act(y)
-        name, param, leftover = _kernel_act(self.act)
-        dtype = _autocast_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            y = ops.se_block(x.to(dtype), self.fc1.weight.to(dtype), _cast(self.fc1.bias, dtype),
-                             self.fc2.weight.to(dtype), _cast(self.fc2.bias, dtype),
-                             residual=_cast(residual, dtype), act=name, act_param=param)
-        return y if leftover is None else leftover(y)
+        return self._fused("se_block", self.act, x,
+                           (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias), {}, residual)

@@ -11,17 +11,28 @@ In training mode BN uses batch statistics and updates ``running_mean``/``running
 place with ``momentum`` (the already-resolved factor: the layer handles ``momentum=None``
 and ``num_batches_tracked`` as ``nn.BatchNorm2d`` does). Bad arguments raise ``TypeError``
 or ``ValueError`` naming the argument before any kernel launches.
+
+Each op is ``check_<op>`` (the argument checks, returning the normalised arguments) followed by
+the backend's implementation (:func:`implementation`, a cached lookup). The layers of
+:mod:`fastcnn.layers` run the checks once per input signature and then call the implementation
+directly, so a layer call pays for neither (the extension's C++ ops check again, cheaply).
+
+This package owns dispatch: :mod:`.dispatch` (backend table and selection), :mod:`.names`
+(the one list of ops and of activations), one module per backend exporting its
+``IMPLEMENTATIONS`` table, and :mod:`.reference` (the ground truth).
 """
 from __future__ import annotations
 
 import torch
 
-from .. import backend as _backend
-from .reference import OPS
+from . import dispatch
+from .dispatch import implementation
+from .names import ACTIVATIONS, OPS
 
-__all__ = ["conv_bn_act", "bn_act", "conv_act", "se_block", "OPS"]
+__all__ = ["conv_bn_act", "bn_act", "conv_act", "se_block", "OPS", "ACTIVATIONS", "implementation",
+           "check_conv_bn_act", "check_bn_act", "check_conv_act", "check_se_block"]
 
-_ACTS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu")
+_ACTS = ACTIVATIONS
 
 
 def _check_tensor(name, t, *, ndim=None, ref=None, optional=False):
@@ -99,12 +110,13 @@ def _conv_out_shape(x, weight, stride, padding, dilation, groups):
 
 
 def _dispatch(op, x, *args, **kwargs):
-    return _backend.implementation(op, x.device)(x, *args, **kwargs)
+    return implementation(op, x.device)(x, *args, **kwargs)
 
 
-def conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *,
-                stride=1, padding=0, dilation=1, groups=1, training=True, momentum=0.1,
-                eps=1e-5, act="relu", act_param=0.0, residual=None):
+def check_conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *,
+                      stride=1, padding=0, dilation=1, groups=1, training=True, momentum=0.1,
+                      eps=1e-5, act="relu", act_param=0.0, residual=None) -> dict:
+    """The checks of :func:`conv_bn_act`; returns its keyword arguments, normalised."""
     _check_tensor("x", x, ndim=4)
     _check_tensor("weight", weight, ndim=4, ref=x)
     if weight.dtype != x.dtype:
@@ -117,27 +129,40 @@ def conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
         _check_param_dtype(name, t, x)
     _check_act(act, act_param)
     _check_residual(residual, out_shape, x)
-    return _dispatch("conv_bn_act", x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                     stride=stride, padding=padding, dilation=dilation, groups=groups,
-                     training=training, momentum=float(momentum), eps=float(eps), act=act,
-                     act_param=float(act_param), residual=residual)
+    return dict(stride=stride, padding=padding, dilation=dilation, groups=groups, training=training,
+                momentum=float(momentum), eps=float(eps), act=act, act_param=float(act_param),
+                residual=residual)
 
 
-def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, momentum=0.1,
-           eps=1e-5, act="relu", act_param=0.0, residual=None):
+def conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, **kwargs):
+    kw = check_conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, **kwargs)
+    return _dispatch("conv_bn_act", x, weight, bias, bn_weight, bn_bias, running_mean, running_var, **kw)
+
+
+def check_bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, momentum=0.1,
+                 eps=1e-5, act="relu", act_param=0.0, residual=None) -> dict:
+    """The checks of :func:`bn_act`; returns its keyword arguments, normalised."""
     _check_tensor("x", x, ndim=4)
     _check_bn(x, x.shape[1], bn_weight, bn_bias, running_mean, running_var, training)
     for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias)):
         _check_param_dtype(name, t, x)
     _check_act(act, act_param)
     _check_residual(residual, x.shape, x)
-    return _dispatch("bn_act", x, bn_weight, bn_bias, running_mean, running_var, training=training,
-                     momentum=float(momentum), eps=float(eps), act=act, act_param=float(act_param),
-                     residual=residual)
+    if training and x.numel() // max(x.shape[1], 1) <= 1:
+        raise ValueError(f"bn_act in training mode needs more than one value per channel, "
+                         f"got x of shape {tuple(x.shape)}")
+    return dict(training=training, momentum=float(momentum), eps=float(eps), act=act,
+                act_param=float(act_param), residual=residual)
 
 
-def conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act="relu",
-             act_param=0.0, residual=None):
+def bn_act(x, bn_weight, bn_bias, running_mean, running_var, **kwargs):
+    kw = check_bn_act(x, bn_weight, bn_bias, running_mean, running_var, **kwargs)
+    return _dispatch("bn_act", x, bn_weight, bn_bias, running_mean, running_var, **kw)
+
+
+def check_conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act="relu",
+                   act_param=0.0, residual=None) -> dict:
+    """The checks of :func:`conv_act`; returns its keyword arguments, normalised."""
     _check_tensor("x", x, ndim=4)
     _check_tensor("weight", weight, ndim=4, ref=x)
     if weight.dtype != x.dtype:
@@ -150,11 +175,18 @@ def conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act=
     out_shape = _conv_out_shape(x, weight, stride, padding, dilation, groups)
     _check_act(act, act_param)
     _check_residual(residual, out_shape, x)
-    return _dispatch("conv_act", x, weight, bias, stride=stride, padding=padding, dilation=dilation,
-                     groups=groups, act=act, act_param=float(act_param), residual=residual)
+    return dict(stride=stride, padding=padding, dilation=dilation, groups=groups, act=act,
+                act_param=float(act_param), residual=residual)
 
 
-def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, act="relu", act_param=0.0):
+def conv_act(x, weight, bias, **kwargs):
+    kw = check_conv_act(x, weight, bias, **kwargs)
+    return _dispatch("conv_act", x, weight, bias, **kw)
+
+
+def check_se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, act="relu",
+                   act_param=0.0) -> dict:
+    """The checks of :func:`se_block`; returns its keyword arguments, normalised."""
     _check_tensor("x", x, ndim=4)
     c = x.shape[1]
     _check_tensor("fc1_weight", fc1_weight, ndim=2, ref=x)
@@ -172,5 +204,9 @@ def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, ac
         _check_param_dtype(name, t, x)
     _check_act(act, act_param)
     _check_residual(residual, x.shape, x)
-    return _dispatch("se_block", x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=residual,
-                     act=act, act_param=float(act_param))
+    return dict(residual=residual, act=act, act_param=float(act_param))
+
+
+def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, **kwargs):
+    kw = check_se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, **kwargs)
+    return _dispatch("se_block", x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, **kw)

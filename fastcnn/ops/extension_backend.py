@@ -1,25 +1,23 @@
 """The ``cuda`` and ``cpu`` backends: the compiled extension ``fastcnn._C``, whose ops are
-registered with the dispatcher as ``torch.ops.fastcnn.*`` (schemas in ``csrc/ops.cpp``).
+registered with the dispatcher as ``torch.ops.fastcnn.*`` (schemas in ``csrc/``).
 
-This module is the only Python code that talks to the extension. It registers, for every
-op, an autograd formula (``torch.library.register_autograd``) and a fake implementation
-(``torch.library.register_fake``) so the ops work under autograd and ``torch.compile``, and
-implements the four public ops on top of them:
+This module is the only Python code that talks to the extension. Each public op is one call of
+a composite C++ op -- ``conv_bn_act``, ``bn_act``, ``conv_act``, ``se_block`` -- whose autograd
+is written in C++ (csrc/conv_bn_act.cpp, csrc/conv_act.cpp, csrc/bn_act.cpp,
+csrc/se_block.cpp): one dispatcher call forward and one autograd node backward per fused layer,
+the running statistics updated and eval-mode BN folded inside the op. The convolution runs
+through ATen (cuDNN / oneDNN) inside the op; BN statistics, normalisation, residual and
+activation through the extension's channel_act kernels.
 
-* ``bn_act``       training: ``bn_act_forward`` (batch statistics + normalise + residual +
-                   act, one kernel pair) and the running-statistics update (unbiased
-                   variance, as ``nn.BatchNorm2d``); eval: BN folded into a per-channel
-                   scale/shift, then ``scale_shift_act``
-* ``conv_bn_act``  convolution through ``F.conv2d`` (cuDNN / oneDNN), then ``bn_act``
-* ``conv_act``     convolution without bias, then ``scale_shift_act`` (bias + residual + act);
-                   with no activation, the convolution with its bias and a plain residual add;
-                   for ReLU / leaky ReLU / ELU in training the epilogue keeps its output,
-                   not its input, for backward (``_ActFromOutput``)
-* ``se_block``     ``se_block_forward``
+What stays here: fake implementations (``torch.library.register_fake``) of every op for
+``torch.compile`` and FakeTensor, autograd formulas of the primitive ops (``bn_act_forward``,
+``scale_shift_act``, ``se_block_forward``, ``grouped_conv2d``) for callers that use them
+directly, and marking outputs rebuildable (:mod:`fastcnn.recompute`) from what the composites
+return (the convolution output and the batch statistics).
 
 Convolution choice: the direct ``grouped_conv2d`` op (csrc/*/grouped_conv_kernel.*) is
-registered and tested, but ``conv_bn_act`` / ``conv_act`` use ``F.conv2d`` for every shape;
-see ``GROUPED_CONV_NOTE`` for the CPU measurement behind that.
+registered and tested, but the composites use ATen's convolution for every shape; see
+``GROUPED_CONV_NOTE`` for the CPU measurement behind that.
 """
 from __future__ import annotations
 
@@ -29,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from ..recompute import active as _rebuild_active, mark_rebuildable
+from .names import OPS
 
-OPS_IN_EXTENSION = ("conv_bn_act", "bn_act", "conv_act", "se_block")
+OPS_IN_EXTENSION = OPS
 
 #: the public ops this backend implements once ``fastcnn._C`` has loaded (empty otherwise)
 IMPLEMENTED_OPS: tuple[str, ...] = ()
@@ -120,6 +119,37 @@ def _register_fakes() -> None:
         gb2 = (fc2_bias if fc2_bias is not None else fc2_weight).new_empty(fc2_weight.shape[0])
         return (_like(x), gr, torch.empty_like(fc1_weight), gb1, torch.empty_like(fc2_weight), gb2)
 
+    def _stats(x, training):
+        c = x.shape[1] if training else 0
+        return _f32(x, c), _f32(x, c)
+
+    def _conv_out(x, weight, stride, padding, dilation):
+        n, _c, h, w = x.shape
+        k, _ci, kh, kw = weight.shape
+        oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        return torch.empty((n, k, oh, ow), dtype=x.dtype, device=x.device, memory_format=_kernel_format(x))
+
+    @torch.library.register_fake(lib + "bn_act")
+    def _(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act, act_param):
+        return (_like(x), *_stats(x, training))
+
+    @torch.library.register_fake(lib + "conv_bn_act")
+    def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
+          dilation, groups, training, momentum, eps, act, act_param):
+        z = _conv_out(x, weight, stride, padding, dilation)
+        return (_like(z), z, *_stats(z, training))
+
+    @torch.library.register_fake(lib + "conv_act")
+    def _(x, weight, bias, residual, stride, padding, dilation, groups, act, act_param):
+        z = _conv_out(x, weight, stride, padding, dilation)
+        keeps_z = act in ("silu", "gelu") or (act == "leaky_relu" and act_param < 0) or (act == "elu" and act_param <= 0)
+        return _like(z), (z if keeps_z else x.new_empty(0))
+
+    @torch.library.register_fake(lib + "se_block")
+    def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param):
+        return _like(x)
+
     @torch.library.register_fake(lib + "grouped_conv2d")
     def _(x, weight, stride, padding, dilation, groups):
         n, _c, h, w = x.shape
@@ -207,7 +237,7 @@ def _register_autograd() -> None:
 
 def _load() -> tuple[str, ...]:
     ext, _ = _extension()
-    if ext is None or not hasattr(torch.ops.fastcnn, "bn_act_forward"):
+    if ext is None or not all(hasattr(torch.ops.fastcnn, op) for op in ("bn_act_forward", *OPS)):
         return ()
     _register_fakes()
     _register_autograd()
@@ -218,15 +248,6 @@ IMPLEMENTED_OPS = _load()
 
 
 # --------------------------------------------------------------------------- public ops
-def _update_running_stats(running_mean, running_var, mean, var, count, momentum):
-    """In place, as ``nn.BatchNorm2d``: the running variance takes the unbiased estimate."""
-    if running_mean is None or momentum == 0.0:
-        return
-    with torch.no_grad():
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
-
-
 def _rebuild_scale_shift_act(x, scale, shift, residual, act, act_param):
     return torch.ops.fastcnn.scale_shift_act(x, scale, shift, residual, act, act_param)
 
@@ -247,114 +268,55 @@ def _mark_rebuildable_bn(y, x, bn_weight, bn_bias, residual, mean, var, eps, act
     mark_rebuildable(y, _rebuild_bn_act, x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param)
 
 
-def _mark_se(y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param):
-    mark_rebuildable(y, _rebuild_se, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param)
-
-
 def _rebuild_se(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param):
     return torch.ops.fastcnn.se_block_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                               residual, act, act_param)[0]
 
 
+def _pair(v):
+    return (v, v) if isinstance(v, int) else v
+
+
 def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, momentum=0.1,
            eps=1e-5, act="relu", act_param=0.0, residual=None):
-    if training:
-        count = x.numel() // x.shape[1]
-        if count <= 1:
-            raise ValueError(f"bn_act in training mode needs more than one value per channel, "
-                             f"got x of shape {tuple(x.shape)}")
-        y, mean, var = torch.ops.fastcnn.bn_act_forward(x, bn_weight, bn_bias, residual, eps, act, act_param)
-        _update_running_stats(running_mean, running_var, mean, var, count, momentum)
-        if _rebuild_active() and y.requires_grad:
-            _mark_rebuildable_bn(y, x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param)
-        return y
-    # eval: fold BN into scale/shift (tiny ops; autograd reaches bn_weight / bn_bias)
-    scale = bn_weight.float() * torch.rsqrt(running_var.float() + eps)
-    shift = bn_bias.float() - running_mean.float() * scale
-    return torch.ops.fastcnn.scale_shift_act(x, scale, shift, residual, act, act_param)
+    y, mean, var = torch.ops.fastcnn.bn_act.default(x, bn_weight, bn_bias, running_mean, running_var, residual,
+                                                    training, momentum, eps, act, act_param)
+    if training and y.requires_grad and _rebuild_active():
+        _mark_rebuildable_bn(y, x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param)
+    return y
 
 
 def conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *,
                 stride=1, padding=0, dilation=1, groups=1, training=True, momentum=0.1,
                 eps=1e-5, act="relu", act_param=0.0, residual=None):
-    z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    return bn_act(z, bn_weight, bn_bias, running_mean, running_var, training=training,
-                  momentum=momentum, eps=eps, act=act, act_param=act_param, residual=residual)
-
-
-def _grad_from_output(act: str, act_param: float) -> bool:
-    """Whether act'(v) follows from y = act(v) alone (mirror of the Triton backend's
-    ``grad_from_output``): then a conv+bias+act layer need not keep its pre-activation."""
-    return act == "relu" or (act == "leaky_relu" and act_param >= 0.0) or (act == "elu" and act_param > 0.0)
-
-
-def _act_backward_from_output(grad_y, y, act, act_param):
-    """dL/dv from dL/dy and y = act(v): the formulas PyTorch's own ReLU / LeakyReLU / ELU
-    backward use on their result."""
-    aten = torch.ops.aten
-    if act == "relu":
-        return aten.threshold_backward(grad_y, y, 0)
-    if act == "leaky_relu":
-        return aten.leaky_relu_backward(grad_y, y, act_param, True)
-    return aten.elu_backward(grad_y, act_param, 1, 1, True, y)
-
-
-class _ActFromOutput(torch.autograd.Function):
-    """``act(z + bias [+ residual])`` through the extension's ``scale_shift_act`` epilogue (the
-    bias and residual added in fp32, as the general path does), for activations whose
-    derivative follows from the output: it keeps the *output* ``y`` for backward, not ``z``.
-    Why: ``y`` is what the next layer (a convolution or pooling) keeps anyway, so a
-    conv+bias+act layer keeps one activation, as unfused PyTorch does, and backward rebuilds
-    nothing. (Keeping ``z`` and a recipe for ``y`` had backward hold ``z`` and the rebuilt
-    ``y`` at once; and one node for convolution and activation together held the incoming
-    gradient through the convolution's backward: either put the step's peak above the unfused
-    one for the nets without BN -- All-CNN-C, LeNet-5, ShatheNet: +2-8%.)
-
-    The bias comes in expanded to ``z``'s shape (a view): its gradient is then ``gz`` itself and
-    the reduction to a vector runs in the expand's own backward node, after this node has let
-    go of the incoming gradient -- as the unfused convolution's bias gradient does."""
-
-    @staticmethod
-    def forward(ctx, z, bias_expanded, residual, act, act_param):
-        bias = None if bias_expanded is None else bias_expanded[0, :, 0, 0].contiguous()
-        y = torch.ops.fastcnn.scale_shift_act(z, None, bias, residual, act, act_param)
-        ctx.act, ctx.act_param = act, act_param
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        y, = ctx.saved_tensors
-        gz = _act_backward_from_output(grad_y, y, ctx.act, ctx.act_param)
-        _, need_b, need_r = ctx.needs_input_grad[:3]
-        return gz, (gz if need_b else None), (gz if need_r else None), None, None
+    y, z, mean, var = torch.ops.fastcnn.conv_bn_act.default(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, _pair(stride),
+        _pair(padding), _pair(dilation), groups, training, momentum, eps, act, act_param)
+    if training and y.requires_grad and _rebuild_active():
+        _mark_rebuildable_bn(y, z, bn_weight, bn_bias, residual, mean, var, eps, act, act_param)
+    return y
 
 
 def conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act="relu",
              act_param=0.0, residual=None):
-    if act == "identity":
-        # plain adds save nothing for backward (scale_shift_act would keep z and the residual)
-        z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        return z if residual is None else z + residual
-    if (_grad_from_output(act, act_param) and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()):
-        z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        bias_expanded = None if bias is None else bias.view(1, -1, 1, 1).expand(z.shape)
-        return _ActFromOutput.apply(z, bias_expanded, residual, act, act_param)
-    z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-    y = torch.ops.fastcnn.scale_shift_act(z, None, bias, residual, act, act_param)
-    if _rebuild_active() and y.requires_grad:
-        # the op keeps z for its own backward; consumers of y keep a recipe (fastcnn.recompute)
+    y, z = torch.ops.fastcnn.conv_act.default(x, weight, bias, residual, _pair(stride), _pair(padding),
+                                              _pair(dilation), groups, act, act_param)
+    if z.numel() and y.requires_grad and _rebuild_active():
+        # the op keeps z = conv(x) (silu, gelu); consumers of y keep a recipe (fastcnn.recompute)
         mark_rebuildable(y, _rebuild_scale_shift_act, z, None, bias, residual, act, act_param)
     return y
 
 
 def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, act="relu",
              act_param=0.0):
-    y, _pooled = torch.ops.fastcnn.se_block_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                                    residual, act, act_param)
-    if _rebuild_active() and y.requires_grad:
+    y = torch.ops.fastcnn.se_block.default(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act,
+                                           act_param)
+    if y.requires_grad and _rebuild_active():
         # the block output (consumed by the next block's conv and shortcut) is rebuilt from x
         # and the residual -- both recipes themselves in a fused SE-ResNeXt
-        _mark_se(y, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param)
+        mark_rebuildable(y, _rebuild_se, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param)
     return y
+
+
+#: this backend's ops (dispatch looks them up here)
+IMPLEMENTATIONS = {"conv_bn_act": conv_bn_act, "bn_act": bn_act, "conv_act": conv_act, "se_block": se_block}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-OPS = ("conv_bn_act", "bn_act", "conv_act", "se_block")
+from .names import OPS
 
 
 def unavailable_reason(op: str, device_type: str, backend: str = "reference") -> str | None:
@@ -62,3 +62,7 @@ def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, ac
     if residual is not None:
         y = y + residual
     return activation(y, act, act_param)
+
+
+#: this backend's ops (dispatch looks them up here)
+IMPLEMENTATIONS = {"conv_bn_act": conv_bn_act, "bn_act": bn_act, "conv_act": conv_act, "se_block": se_block}
