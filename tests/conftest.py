@@ -18,3 +18,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch():
+    """Backend resolution is cached per process (fastcnn.ops.dispatch); tests that fake a GPU
+    or an unavailable backend must not see another test's answers, nor leave theirs behind."""
+    from fastcnn.ops import dispatch
+
+    dispatch.clear_cache()
+    yield
+    dispatch.clear_cache()
