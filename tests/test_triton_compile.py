@@ -197,12 +197,14 @@ def _scenarios(sweep):
         y.backward(torch.ones_like(y))
 
     def conv_bn_act(dtype, pdtype, *, cin=64, cout=64, hw=8, k=3, s=1, g=1, training=True, act="relu",
-                    ap=0.0, res=True, bias=False):
+                    ap=0.0, res=True, bias=False, cl_weight=False):
         def run():
             x = t(2, cin, hw, hw, dtype=dtype)
             oh = (hw + 2 * (k // 2) - k) // s + 1
+            w = t(cout, cin // g, k, k, dtype=dtype, grad=False)
+            w = (w.contiguous(memory_format=torch.channels_last) if cl_weight else w).requires_grad_()
             y = mods["conv_bn_act"].conv_bn_act(
-                x, t(cout, cin // g, k, k, dtype=dtype), t(cout, dtype=pdtype) if bias else None,
+                x, w, t(cout, dtype=pdtype) if bias else None,
                 *bn_params(cout, pdtype), stride=(s, s), padding=(k // 2, k // 2), dilation=(1, 1), groups=g,
                 training=training, momentum=0.1, eps=1e-5, act=act, act_param=ap,
                 residual=t(2, cout, oh, oh, dtype=dtype) if res else None)
@@ -255,6 +257,10 @@ def _scenarios(sweep):
     for dt in dtypes if full else (f16,):
         out.append((f"conv_act 3x3 c128 silu {name(dt)}", {"_conv_fwd_kernel"} if not full else gemms,
                     conv_act(dt, cin=128, cout=128, act="silu")))
+    # a channels_last weight: read in place, its gradient written channels_last, every config
+    for dt in dtypes if full else (bf16,):
+        out.append((f"conv_bn_act train 3x3 c128 cl-weight {name(dt)}", gemms,
+                    conv_bn_act(dt, f32, cin=128, cout=128, cl_weight=True)))
     # the input gradient's sub-pixel phases (stride 2) in every config
     for dt in dtypes if full else (f32, bf16):
         out.append((f"conv_bn_act train 3x3 s2 c128 {name(dt)}", {"_conv_dgrad_kernel"},
