@@ -244,8 +244,8 @@ BnLayerGrad bn_layer_backward(const Tensor& gy, const Tensor& z, const Tensor& w
   auto [gz, gr, gscale, gshift] =
       op_scale_shift_act_backward().call(gy, z, k.scale, k.shift, opt(residual), act, act_param);
   // scale = weight * invstd and shift = bias - mean * scale both depend on the weight
-  return {gz, residual.defined() ? gr : Tensor(), ((gscale - f32(mean) * gshift) * k.invstd).to(weight.scalar_type()),
-          gshift.to(bias.scalar_type())};
+  return {gz, residual.defined() ? gr : Tensor(), cast((gscale - f32(mean) * gshift) * k.invstd, weight.scalar_type()),
+          cast(gshift, bias.scalar_type())};
 }
 
 namespace {
@@ -253,7 +253,10 @@ namespace {
 // --------------------------------------------------------------------- the bn_act composite
 // (y, batch mean, batch var); eval returns empty statistics
 std::tuple<Tensor, Tensor, Tensor> bn_act_outputs(const Tensor& x, BnLayerOut o) {
-  if (!o.mean.defined()) o.mean = o.var = at::empty({0}, x.options().dtype(at::kFloat));
+  if (!o.mean.defined()) {  // two tensors: outputs must not alias each other
+    o.mean = at::empty({0}, x.options().dtype(at::kFloat));
+    o.var = at::empty({0}, x.options().dtype(at::kFloat));
+  }
   return {o.y, o.mean, o.var};
 }
 
@@ -278,8 +281,22 @@ struct BnActFunction : public torch::autograd::Function<BnActFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     BnLayerOut o = bn_layer_forward(x, weight, bias, running_mean, running_var, residual, training, momentum,
                                     eps, act, act_param);
-    const Tensor mean = training ? o.mean : *running_mean, var = training ? o.var : *running_var;
-    ctx->save_for_backward({x, weight, bias, or_undefined(residual), mean, var});
+    // the batch statistics are this node's own [C] vectors: kept in saved_data, past the
+    // saved-tensor hooks (one Python call each inside a fused model) -- the running statistics
+    // of eval mode are buffers others may change, so they go through save_for_backward's checks
+    // The BN weight and bias (parameters) likewise, with their version counters checked in
+    // backward as save_for_backward would.
+    if (training) {
+      ctx->save_for_backward({x, or_undefined(residual)});
+      ctx->saved_data["mean"] = o.mean;
+      ctx->saved_data["var"] = o.var;
+    } else {
+      ctx->save_for_backward({x, or_undefined(residual), *running_mean, *running_var});
+    }
+    ctx->saved_data["weight"] = weight;
+    ctx->saved_data["bias"] = bias;
+    ctx->saved_data["versions"] = std::vector<int64_t>{static_cast<int64_t>(weight._version()),
+                                                       static_cast<int64_t>(bias._version())};
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = std::string(act);
@@ -291,14 +308,22 @@ struct BnActFunction : public torch::autograd::Function<BnActFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &residual = saved[3];
+    const Tensor &x = saved[0], &residual = saved[1];
+    const Tensor weight = ctx->saved_data["weight"].toTensor(), bias = ctx->saved_data["bias"].toTensor();
+    const auto versions = ctx->saved_data["versions"].toIntVector();
+    TORCH_CHECK(weight._version() == static_cast<uint32_t>(versions[0]) &&
+                    bias._version() == static_cast<uint32_t>(versions[1]),
+                "fastcnn: a BatchNorm weight or bias used by a fused bn_act was modified in place between "
+                "forward and backward (e.g. an optimizer step before backward); its gradient would be wrong");
     variable_list out(11);
     if (!grads[0].defined()) return out;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const std::string act = ctx->saved_data["act"].toStringRef();
-    BnLayerGrad g = bn_layer_backward(grads[0], x, weight, bias, residual, saved[4], saved[5],
-                                      ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(),
-                                      act, ctx->saved_data["act_param"].toDouble());
+    const bool training = ctx->saved_data["training"].toBool();
+    const Tensor mean = training ? ctx->saved_data["mean"].toTensor() : saved[2];
+    const Tensor var = training ? ctx->saved_data["var"].toTensor() : saved[3];
+    BnLayerGrad g = bn_layer_backward(grads[0], x, weight, bias, residual, mean, var, training,
+                                      ctx->saved_data["eps"].toDouble(), act, ctx->saved_data["act_param"].toDouble());
     out[0] = g.gz;
     out[1] = g.gweight;
     out[2] = g.gbias;

@@ -33,8 +33,17 @@ inline void check_vector(const at::Tensor& t, int64_t n, const at::Tensor& x, co
                     " but x is on ", x.device());
 }
 
-// fp32, contiguous copy of a small parameter vector (or a view when it already is one)
-inline at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+// `t` in `dtype`: `t` itself when it already is (without calling aten::to, which a schema
+// check flags when it returns its input from below autograd, as inside the composite ops)
+inline at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+// fp32, contiguous copy of a small parameter vector (or the vector itself when it already is one)
+inline at::Tensor f32(const at::Tensor& t) {
+  const at::Tensor f = cast(t, at::kFloat);
+  return f.is_contiguous() ? f : f.contiguous();
+}
 
 inline at::Tensor in_format(const c10::optional<at::Tensor>& t, at::MemoryFormat fmt) {
   return t.has_value() && t->defined() ? t->contiguous(fmt) : at::Tensor();

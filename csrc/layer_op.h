@@ -90,8 +90,9 @@ inline void update_running_stats(const OptT& running_mean, const OptT& running_v
     return;
   }
   at::NoGradGuard no_grad;
-  rm.lerp_(mean.to(rm.scalar_type()), momentum);
-  rv.lerp_((var * unbias).to(rv.scalar_type()), momentum);
+  rm.lerp_(mean.scalar_type() == rm.scalar_type() ? mean : mean.to(rm.scalar_type()), momentum);
+  const Tensor v = var * unbias;
+  rv.lerp_(v.scalar_type() == rv.scalar_type() ? v : v.to(rv.scalar_type()), momentum);
 }
 
 // Which forward arguments of an autograd Function are graph inputs: a C++ Function gives an

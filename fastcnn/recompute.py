@@ -224,11 +224,15 @@ def cat(tensors, dim: int = 1) -> torch.Tensor:
 
 
 def _pack(t: torch.Tensor):
-    packed = _recipe_of(t) or t
-    observer = getattr(_state, "observer", None)
-    if observer is not None and packed is t:
+    # runs for every tensor any op saves inside a fused model's forward: kept short
+    root = t if t._base is None else t._base
+    recipe = getattr(root, _ATTR, None)
+    if recipe is not None and root._version == recipe.version:
+        return _Rebuild(recipe, t, root)
+    observer = _state.__dict__.get("observer")
+    if observer is not None:
         observer(t)  # fastcnn.memory counts what the graph really keeps
-    return packed
+    return t
 
 
 def set_observer(fn: Callable[[torch.Tensor], None] | None) -> None:
@@ -263,7 +267,9 @@ _HANDLES = "_fastcnn_rebuild_hooks"
 
 
 def _enter_hook(_module, _args):
-    ctx = None if torch.compiler.is_compiling() else rebuild_saved_activations()
+    # nothing is saved for backward without grad mode (inference, evaluation): no hooks then
+    ctx = (None if not torch.is_grad_enabled() or torch.compiler.is_compiling()
+           else rebuild_saved_activations())
     if ctx is not None:
         ctx.__enter__()
     _contexts().append(ctx)

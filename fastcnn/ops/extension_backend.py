@@ -277,8 +277,39 @@ def _pair(v):
     return (v, v) if isinstance(v, int) else v
 
 
+# Under torch.compile the ops are traced as their parts -- ATen's convolution and the primitive
+# ops above, whose fakes and autograd formulas are registered here -- rather than as the
+# composites: the composites' C++ reads concrete sizes (the running-statistics factor
+# count / (count - 1), argument checks), which dynamic-shape tracing does not have, and a
+# compiled graph has no per-call host overhead to save anyway.
+def _traced_bn_act(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, act,
+                   act_param, residual):
+    if training:
+        y, mean, var = torch.ops.fastcnn.bn_act_forward(x, bn_weight, bn_bias, residual, eps, act, act_param)
+        if running_mean is not None and momentum != 0.0:
+            count = x.numel() // x.shape[1]
+            with torch.no_grad():
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+        return y
+    scale = bn_weight.float() * torch.rsqrt(running_var.float() + eps)
+    shift = bn_bias.float() - running_mean.float() * scale
+    return torch.ops.fastcnn.scale_shift_act(x, scale, shift, residual, act, act_param)
+
+
+def _traced_conv_act(x, weight, bias, residual, stride, padding, dilation, groups, act, act_param):
+    if act == "identity":
+        z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return z if residual is None else z + residual
+    z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    return torch.ops.fastcnn.scale_shift_act(z, None, bias, residual, act, act_param)
+
+
 def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, momentum=0.1,
            eps=1e-5, act="relu", act_param=0.0, residual=None):
+    if torch.compiler.is_compiling():
+        return _traced_bn_act(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, act,
+                              act_param, residual)
     y, mean, var = torch.ops.fastcnn.bn_act.default(x, bn_weight, bn_bias, running_mean, running_var, residual,
                                                     training, momentum, eps, act, act_param)
     if training and y.requires_grad and _rebuild_active():
@@ -289,6 +320,10 @@ def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, m
 def conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *,
                 stride=1, padding=0, dilation=1, groups=1, training=True, momentum=0.1,
                 eps=1e-5, act="relu", act_param=0.0, residual=None):
+    if torch.compiler.is_compiling():
+        z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return _traced_bn_act(z, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, act,
+                              act_param, residual)
     y, z, mean, var = torch.ops.fastcnn.conv_bn_act.default(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, _pair(stride),
         _pair(padding), _pair(dilation), groups, training, momentum, eps, act, act_param)
@@ -299,6 +334,8 @@ def conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
 
 def conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act="relu",
              act_param=0.0, residual=None):
+    if torch.compiler.is_compiling():
+        return _traced_conv_act(x, weight, bias, residual, stride, padding, dilation, groups, act, act_param)
     y, z = torch.ops.fastcnn.conv_act.default(x, weight, bias, residual, _pair(stride), _pair(padding),
                                               _pair(dilation), groups, act, act_param)
     if z.numel() and y.requires_grad and _rebuild_active():
@@ -309,6 +346,9 @@ def conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act=
 
 def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, act="relu",
              act_param=0.0):
+    if torch.compiler.is_compiling():
+        return torch.ops.fastcnn.se_block_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act,
+                                                  act_param)[0]
     y = torch.ops.fastcnn.se_block.default(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act,
                                            act_param)
     if y.requires_grad and _rebuild_active():
