@@ -14,8 +14,18 @@ backward, batch statistics) and ``eval`` (forward, no grad). Variants: ``eager``
 module with ``fused=False``) and ``fused-<backend>`` for every backend built for the device
 (on CPU the Triton interpreter is not timed). On CPU the benchmark runs on one thread (host
 work is single-threaded; a second thread only adds noise); each round is 20 calls.
+
+Side by side: a fused variant's test also times the same layer eager, in alternation with its
+own rounds (eager in pytest-benchmark's untimed ``setup`` of every round), and records that
+as ``eager_per_call_us``; ``python -m bench.report`` takes the fused / eager ratio from the
+pair, so both halves of a ratio see the same machine load. On CPU the timer is the process's
+CPU time (``time.process_time``): host work is what is measured, and time the shared machine
+gives to other processes is not; on a GPU, wall time (the launches must also be issued).
 """
 from __future__ import annotations
+
+import statistics
+import time
 
 import pytest
 import torch
@@ -53,12 +63,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("variant", _variants())
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("layer", list(LAYERS))
-def test_host_overhead(benchmark, one_thread, layer, mode, variant):
-    harness.skip_unavailable(variant)
-    fused, backend, _ = harness.parse_variant(variant)
+def _rounds(layer, mode, fused):
+    """A function running one round (CALLS_PER_ROUND calls) of ``layer`` in ``mode``."""
     make, with_residual = LAYERS[layer]
     torch.manual_seed(0)
     module = set_fused(make(), fused).to(harness.DEVICE).train(mode == "train")
@@ -82,11 +88,38 @@ def test_host_overhead(benchmark, one_thread, layer, mode, variant):
             call()
         harness.sync()
 
+    return rounds
+
+
+@pytest.mark.parametrize("variant", _variants())
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_host_overhead(benchmark, one_thread, layer, mode, variant):
+    harness.skip_unavailable(variant)
+    fused, backend, _ = harness.parse_variant(variant)
+    timer = time.perf_counter if harness.CUDA else time.process_time
+    benchmark._timer = timer  # pytest-benchmark's clock for this test (see the module docstring)
+    rounds = _rounds(layer, mode, fused)
+    eager_rounds = _rounds(layer, mode, False) if fused else None
+    eager_times = []
+
+    def time_eager():  # untimed by pytest-benchmark: runs before each of its rounds
+        if eager_rounds is not None:
+            t0 = timer()
+            eager_rounds()
+            eager_times.append(timer() - t0)
+
     with fastcnn.use_backend(backend):
         for _ in range(3):  # warm-up: autotuning, first-call caches
             rounds()
-        benchmark.pedantic(rounds, rounds=30 if harness.CUDA else 20, iterations=1, warmup_rounds=1)
+            time_eager()
+        eager_times.clear()
+        benchmark.pedantic(rounds, setup=time_eager, rounds=30 if harness.CUDA else 20, iterations=1,
+                           warmup_rounds=1)
     per_call = benchmark.stats.stats.median / CALLS_PER_ROUND
     benchmark.extra_info.update(harness.environment())
     benchmark.extra_info.update(layer=layer, mode=mode, variant=variant, shape=f"{N}x{C}x{H}x{W}",
-                                per_call_us=per_call * 1e6, calls_per_round=CALLS_PER_ROUND)
+                                per_call_us=per_call * 1e6, calls_per_round=CALLS_PER_ROUND,
+                                timer=timer.__name__)
+    if eager_times:
+        benchmark.extra_info["eager_per_call_us"] = statistics.median(eager_times) / CALLS_PER_ROUND * 1e6

@@ -218,6 +218,12 @@ def memory_table(group):
 
 # --------------------------------------------------------------------------- host section
 
+def host_ratio(r, eager_table_us):
+    """fused / eager for one host result: against the eager time measured side by side in the
+    same test when the run recorded it (``eager_per_call_us``), else the eager test's."""
+    return r["per_call_us"] / r.get("eager_per_call_us", eager_table_us)
+
+
 def host_table(results):
     if not results:
         return "No host-overhead run recorded yet (`pytest --benchmark-only bench/bench_host_overhead.py`).\n"
@@ -227,8 +233,11 @@ def host_table(results):
         fused = [v for v in variants if v != "eager"]
         table = {(r["layer"], r["mode"], r["variant"]): r for r in group}
         out.append(f"#### {device}\n")
+        side = any("eager_per_call_us" in r for r in group)
         out.append(f"Measured: {stamp(group)}; tensors {group[0]['shape']}, time per layer call "
-                   "(median of rounds of 20 calls). Target: fused / eager <= 1.00. Command: "
+                   f"(median of rounds of 20 calls; clock: {group[0].get('timer', 'perf_counter')}). "
+                   + ("Ratios: each fused variant against eager timed side by side in the same test. " if side else "")
+                   + "Target: fused / eager <= 1.00. Command: "
                    + "; ".join(f"`{c}`" for c in commands(group)) + "\n")
         head = ["layer", "mode"] + [f"{v} (us)" for v in variants] + [f"{v} / eager" for v in fused]
         out.append("| " + " | ".join(head) + " |")
@@ -243,7 +252,7 @@ def host_table(results):
                           for v in variants]
                 for v in fused:
                     r = table.get((layer, mode, v))
-                    cells.append(f"{r['per_call_us'] / eager:.2f}" if r else "–")
+                    cells.append(f"{host_ratio(r, eager):.2f}" if r else "–")
                 out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -326,7 +335,8 @@ def charts(models, host, training, plots_dir: Path):
         keys = sorted(eager)
         variants = [v for v in variant_order({r["variant"] for r in group}) if v != "eager"]
         _bars(ax, [f"{l}\n{m}" for l, m in keys],
-              {v: [_value(group, "per_call_us", layer=l, mode=m, variant=v) / eager[(l, m)] for l, m in keys]
+              {v: [host_ratio(next(r for r in group if (r["layer"], r["mode"], r["variant"]) == (l, m, v)),
+                              eager[(l, m)]) for l, m in keys]
                for v in variants})
         ax.axhline(1.0, color="red", ls="--", lw=1, label="eager (target)")
         ax.set_ylabel("host time per call, relative to eager")
@@ -425,7 +435,7 @@ def summary(models, host, training):
         for v in variant_order({r["variant"] for r in group}):
             if v == "eager":
                 continue
-            ratios = {(r["layer"], r["mode"]): r["per_call_us"] / eager[(r["layer"], r["mode"])]
+            ratios = {(r["layer"], r["mode"]): host_ratio(r, eager[(r["layer"], r["mode"])])
                       for r in group if r["variant"] == v and (r["layer"], r["mode"]) in eager}
             if ratios:
                 worst = max(ratios, key=ratios.get)
