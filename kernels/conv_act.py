@@ -102,7 +102,8 @@ class _ConvActFn(torch.autograd.Function):
         need_grad = records and any(ctx.needs_input_grad[:4])
         from_out = grad_from_output(act, act_param)
         y, z, _, _ = conv_fwd(xc, weight, bias, gm, residual=rc, act=act, act_param=act_param,
-                              store_z=need_grad and not from_out)
+                              store_z=need_grad and not from_out,
+                              backward_follows=need_grad and ctx.needs_input_grad[0])
         if need_grad:
             ctx.geom, ctx.act, ctx.act_param, ctx.from_out = gm, act, act_param, from_out
             ctx.has_bias = bias is not None

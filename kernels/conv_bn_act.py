@@ -73,7 +73,8 @@ class _ConvBnActFn(torch.autograd.Function):
         need_grad = records and any(ctx.needs_input_grad[:8])
         if training:
             part = scratch(stats_scratch_numel(stats_rows(gm.m), gm.cout), x.device)
-            _, z, tiles, block_m = conv_fwd(xc, weight, bias, gm, store_y=False, part=part)
+            _, z, tiles, block_m = conv_fwd(xc, weight, bias, gm, store_y=False, part=part,
+                                            backward_follows=need_grad and ctx.needs_input_grad[0])
             stats = bn_finalize(part, tiles, block_m, gm.m, gm.cout, bn_weight, bn_bias, running_mean,
                                 running_var, training=True, momentum=momentum, eps=eps, device=x.device)
             y = bn_apply(z, stats, rc, act, act_param)
@@ -81,7 +82,8 @@ class _ConvBnActFn(torch.autograd.Function):
                 rebuild.extend((rebuild_apply, bn_apply, z, (stats,), residual, act, act_param))
         else:
             y, z, _, _ = conv_fwd(xc, weight, bias, gm, residual=rc, act=act, act_param=act_param,
-                                  bn_eval=(running_mean, running_var, bn_weight, bn_bias, eps), store_z=need_grad)
+                                  bn_eval=(running_mean, running_var, bn_weight, bn_bias, eps), store_z=need_grad,
+                                  backward_follows=need_grad and ctx.needs_input_grad[0])
             if need_grad:
                 stats = bn_finalize(None, 0, 1, gm.m, gm.cout, bn_weight, bn_bias, running_mean, running_var,
                                     training=False, momentum=0.0, eps=eps, device=x.device)

@@ -47,24 +47,19 @@ tile load coalesced is that the *input-channel* stride is 1: per tap, the forwar
 
 An NCHW-contiguous KxK weight has input-channel stride ``KH*KW``: read in place, each tile
 element would be its own memory transaction (and Triton's asynchronous copies need contiguous
-runs), so such a weight is packed once into channels_last (:func:`weight_operand`), and the
-pack is cached per weight tensor: keyed weakly on the tensor (a freed parameter frees its
-pack) and checked against the tensor's ``_version``, ``data_ptr``, dtype, shape and strides,
-so an in-place optimizer step (``p.add_``, ``torch.optim``'s foreach updates, ``copy_``) makes
-the next call repack. Forward and the input-gradient GEMM of the same step share the one pack
-(before: one permute-copy per forward and another per backward, each a full weight pass).
+runs), so such a weight is packed into channels_last (:func:`weight_operand`). The pack a
+training forward makes is handed to the input-gradient GEMM of the same step (a weak-keyed
+table, entry taken by the backward and checked against the weight's ``_version``,
+``data_ptr``, dtype, shape and strides): one weight pass per step instead of two. The forward
+never reads a pack made earlier, so a weight changed between steps -- by an optimizer, by
+``copy_``, even through ``p.data`` (which the version counter does not see) -- is always
+packed afresh; the one window is forward to backward of one step, where autograd's own
+saved tensors have the same semantics.
 
-Memory: one weight-sized buffer per live NCHW KxK weight, held as long as the weight lives.
-For wrn28_10 (36.48 M parameters, 36.20 M of them in 3x3 convolutions) kept NCHW that is
-138 MiB in fp32 (weights + packs: 2x the weight memory); under autocast the bf16 weight is a
-new tensor each step, so its pack (69 MiB) lives from the forward to the end of the backward,
-where before two transient copies were made per layer and step. Against the activations a
-batch-128 step keeps (several GiB) that is a few percent; what it saves is two weight passes
-per training step and one per inference call, and the Python of the copies. With
-channels_last weights (the training path on GPUs) there is no pack and no cache entry at all:
-that is the recommended setup, and it makes the question moot. Caveat (PyTorch semantics): a
-write through ``p.data`` (``p.data.add_()``) does not move ``p._version``; after such a write
-to an NCHW KxK weight call :func:`clear_weight_packs` (or keep weights channels_last).
+Memory: a pack lives from its forward to its backward, like the weight copies before (one per
+layer and step), never across steps: nothing weight-sized stays cached. With channels_last
+weights (the training path on GPUs: ``fastcnn.train`` converts the model) there is no pack at
+all, and on inference there is one transient copy per call.
 
 Nothing here saves tensors for backward; the ops' autograd Functions decide that. No
 cuDNN call is used: every convolution of the fused ops is one of these kernels.
@@ -153,24 +148,30 @@ def conv_geom(x_shape, w_shape, stride, padding, dilation, groups) -> ConvGeom:
 _PACKS = WeakIdKeyDictionary()
 
 
-def weight_operand(weight: torch.Tensor) -> torch.Tensor:
+def _pack_key(weight):
+    return (weight._version, weight.data_ptr(), weight.dtype, weight.shape, weight.stride())
+
+
+def weight_operand(weight: torch.Tensor, *, for_backward: bool = False, taken: bool = False) -> torch.Tensor:
     """The tensor the GEMMs read the weight from (through its strides): ``weight`` itself when
-    its input-channel stride is 1 (channels_last, 1x1, depthwise), else its channels_last pack,
-    made once per weight and version (see the module docstring)."""
+    its input-channel stride is 1 (channels_last, 1x1, depthwise), else a channels_last pack
+    (see the module docstring). ``for_backward``: a training forward's pack, left for this
+    step's backward; ``taken``: the backward takes that pack (or packs afresh)."""
     if weight.stride(1) == 1 or weight.shape[1] == 1:
         return weight
-    key = (weight._version, weight.data_ptr(), weight.dtype, weight.shape, weight.stride())
-    hit = _PACKS.get(weight)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    if taken:
+        hit = _PACKS.pop(weight, None)
+        if hit is not None and hit[0] == _pack_key(weight):
+            return hit[1]
     pack = weight.detach().contiguous(memory_format=CL)
-    _PACKS[weight] = (key, pack)
+    if for_backward:
+        _PACKS[weight] = (_pack_key(weight), pack)
     return pack
 
 
 def clear_weight_packs() -> None:
-    """Drop every cached weight pack (needed only after writing an NCHW KxK weight through
-    ``.data``, which PyTorch's version counter does not see)."""
+    """Drop the packs forwards left for their backward (a backward that finds none packs
+    again); for tests."""
     _PACKS.clear()
 
 
@@ -427,7 +428,7 @@ def stats_rows(m: int) -> int:
 
 
 def conv_fwd(x, weight, bias, gm: ConvGeom, *, residual=None, act="identity", act_param=0.0,
-             bn_eval=None, store_y=True, store_z=False, part=None):
+             bn_eval=None, store_y=True, store_z=False, part=None, backward_follows=False):
     """One launch of the forward kernel; returns ``(y, z, tiles, block_m)``: ``y`` / ``z``
     channels_last ``(N, COUT, OH, OW)`` (None when not stored). ``x`` / ``residual``
     channels_last. ``bn_eval`` = (running_mean, running_var, bn_weight, bn_bias, eps) folds
@@ -441,7 +442,7 @@ def conv_fwd(x, weight, bias, gm: ConvGeom, *, residual=None, act="identity", ac
     out_shape = (gm.n, gm.cout, gm.oh, gm.ow)
     y = empty_cl(out_shape, x) if store_y else None
     z = empty_cl(out_shape, x) if store_z else None
-    wk = weight_operand(weight)
+    wk = weight_operand(weight, for_backward=backward_follows)
     rm, rv, gam, bet, eps = bn_eval if bn_eval is not None else (x, x, x, x, 0.0)
     dynamic = (x, wk, x if bias is None else bias, x if residual is None else residual,
                x if z is None else z, x if y is None else y, rm, rv, gam, bet,
@@ -561,7 +562,7 @@ def conv_dgrad(dz, weight, gm: ConvGeom) -> torch.Tensor:
     """dL/dx (channels_last ``(N, C, H, W)``, dtype of ``dz``) from channels_last dL/dz."""
     key = (gm, dz.dtype, dz.device, dot_precision(dz.dtype), deterministic(), interpreting())
     dx = empty_cl((gm.n, gm.c, gm.h, gm.w), dz)
-    wk = weight_operand(weight)
+    wk = weight_operand(weight, taken=True)
     dynamic = (dz, wk, dx, *wk.stride())
 
     def build():

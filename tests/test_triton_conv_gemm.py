@@ -64,33 +64,35 @@ def test_weight_read_in_place_when_input_channels_are_contiguous():
     nchw = torch.randn(8, 4, 3, 3)
     pack = cg.weight_operand(nchw)
     assert pack is not nchw and pack.is_contiguous(memory_format=CL) and torch.equal(pack, nchw)
-    assert cg.weight_operand(nchw) is pack  # cached: no second copy
 
 
-def test_cached_pack_follows_in_place_updates_and_dies_with_the_weight():
-    """An optimizer-style in-place update (version counter moves) makes the next call repack:
-    the convolution uses the new values; freeing the weight frees its pack."""
+def test_pack_is_handed_from_forward_to_its_backward_only():
+    """A training forward's pack goes to the same step's backward (one copy per step); a
+    forward never reuses an earlier pack -- so an update between steps, even through ``.data``
+    (invisible to the version counter), is always seen -- and nothing stays cached."""
+    nchw = torch.randn(8, 4, 3, 3)
+    pack = cg.weight_operand(nchw, for_backward=True)
+    assert cg.weight_operand(nchw, taken=True) is pack   # the backward takes the forward's pack
+    assert cg.weight_operand(nchw, taken=True) is not pack  # taken once: nothing left cached
+    assert len(cg._PACKS) == 0
+
     x = torch.randn(2, 4, 6, 6).contiguous(memory_format=CL)
     w = torch.nn.Parameter(torch.randn(8, 4, 3, 3))  # NCHW 3x3: the packed path
     gm = _geom(x, w, (1, 1), (1, 1), (1, 1), 1)
 
     def conv():
-        return cg.conv_fwd(x, w, None, gm)[0]
+        return cg.conv_fwd(x, w, None, gm, backward_follows=True)[0]
 
     torch.testing.assert_close(conv(), F.conv2d(x, w.detach(), padding=1), rtol=1e-4, atol=1e-4)
-    pack = weakref.ref(cg.weight_operand(w))
     with torch.no_grad():
         w.add_(1.0)
     torch.testing.assert_close(conv(), F.conv2d(x, w.detach(), padding=1), rtol=1e-4, atol=1e-4)
-    gc.collect()
-    assert pack() is None, "the stale pack was replaced, not kept"
-    w.grad = torch.ones_like(w)
-    torch.optim.SGD([w], lr=0.5).step()
+    w.data.mul_(0.5)  # no version bump
     torch.testing.assert_close(conv(), F.conv2d(x, w.detach(), padding=1), rtol=1e-4, atol=1e-4)
-    current = weakref.ref(cg.weight_operand(w))
+    left = weakref.ref(cg._PACKS[w][1])  # the last forward's pack, waiting for a backward
     del w, conv
     gc.collect()
-    assert current() is None, "a freed weight's pack must be freed with it"
+    assert left() is None, "a freed weight's pending pack must be freed with it"
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

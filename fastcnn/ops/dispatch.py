@@ -218,10 +218,7 @@ def _cuda_device_reason(index: int | None) -> str | None:
 
 def table(mod) -> dict:
     """A backend module's ``{op: function}`` table."""
-    impls = getattr(mod, "IMPLEMENTATIONS", None)
-    if impls is None:  # TODO(structure): triton_backend gains its table
-        impls = mod.IMPLEMENTATIONS = {op: getattr(mod, op) for op in OPS if hasattr(mod, op)}
-    return impls
+    return mod.IMPLEMENTATIONS
 
 
 def _module(backend: str):

@@ -103,3 +103,7 @@ def conv_act(x, *args, **kwargs):
 
 def se_block(x, *args, **kwargs):
     return _run_marked("se_block", x, args, kwargs)
+
+
+#: this backend's ops (dispatch looks them up here)
+IMPLEMENTATIONS = {"conv_bn_act": conv_bn_act, "bn_act": bn_act, "conv_act": conv_act, "se_block": se_block}
