@@ -38,7 +38,9 @@ def test_triton_activation_codes_follow_the_list():
 
 
 def test_cpp_activation_enum_and_parser_follow_the_list():
-    header = (ROOT / "csrc" / "act.h").read_text()
+    found = sorted((ROOT / "csrc").rglob("act.h"))
+    assert len(found) == 1, f"expected one csrc/**/act.h, found {found}"
+    header = found[0].read_text()
     enum = re.search(r"enum Act : int \{([^}]*)\}", header).group(1)
     codes = [int(v) for v in re.findall(r"= (\d+)", enum)]
     assert codes == list(range(len(ACTIVATIONS))), enum
