@@ -151,7 +151,7 @@ def make_case(case: str, mode: str):
 
     train = mode == "train"
     x = _cl(_t(N, C, H, W, grad=train))
-    w = _t(C, C, 3, 3, grad=train)
+    w = _cl(_t(C, C, 3, 3, grad=train))  # channels_last, as fastcnn.train keeps models on a GPU
     bias = _t(C, grad=train)
     gamma, beta = _t(C, grad=train), _t(C, grad=train)
     rm, rv = torch.zeros(C), torch.ones(C)

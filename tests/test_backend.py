@@ -108,6 +108,7 @@ def _fake_gpu(monkeypatch, cap, archs, name="NVIDIA RTX A500 Laptop GPU"):
 
     class _Mod:
         conv_bn_act = bn_act = conv_act = se_block = staticmethod(lambda *a, **k: None)
+        IMPLEMENTATIONS = dict.fromkeys(ops.OPS, lambda *a, **k: None)
 
         @staticmethod
         def unavailable_reason(op, device_type, name):
