@@ -83,16 +83,14 @@ class _Fusable(nn.Module):
     """
 
     fused: bool = False
-    _checked: tuple | None = None
-    _act_cache: tuple | None = None
 
     def extra_repr(self) -> str:
         return "fused=True" if self.fused else ""
 
     def _act(self, act: nn.Module):
-        cache = self._act_cache
+        cache = self.__dict__.get("_act_cache")
         if cache is None or cache[0] is not act:
-            cache = self._act_cache = (act, _kernel_act(act))
+            cache = self.__dict__["_act_cache"] = (act, _kernel_act(act))
         return cache[1]
 
     def _fused(self, op: str, act: nn.Module, x, params: tuple, kw: dict, residual=None):
@@ -108,9 +106,12 @@ class _Fusable(nn.Module):
             return y
         signature = (x.shape, x.dtype, dev, params[0].dtype, kw.get("training"),
                      None if residual is None else (residual.shape, residual.dtype, residual.device))
-        if signature != self._checked:
+        checked = self.__dict__.get("_checked")  # op -> last checked signature (a layer may run two ops)
+        if checked is None:
+            checked = self.__dict__["_checked"] = {}
+        if checked.get(op) != signature:
             _CHECKS[op](x, *params, act=name, act_param=param, residual=residual, **kw)
-            self._checked = signature
+            checked[op] = signature
         y = implementation(op, dev)(x, *params, act=name, act_param=param, residual=residual, **kw)
         return y if leftover is None else leftover(y)
 

@@ -334,8 +334,10 @@ def conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
 
 def conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act="relu",
              act_param=0.0, residual=None):
-    if torch.compiler.is_compiling():
-        return _traced_conv_act(x, weight, bias, residual, stride, padding, dilation, groups, act, act_param)
+    if act == "identity" or torch.compiler.is_compiling():
+        # identity: ATen's convolution and add are the whole op (the composite would call them)
+        return _traced_conv_act(x, weight, bias, residual, _pair(stride), _pair(padding), _pair(dilation),
+                                groups, act, act_param)
     y, z = torch.ops.fastcnn.conv_act.default(x, weight, bias, residual, _pair(stride), _pair(padding),
                                               _pair(dilation), groups, act, act_param)
     if z.numel() and y.requires_grad and _rebuild_active():
