@@ -1,15 +1,41 @@
-// The extension module fastcnn._C: op schemas live in csrc/ops.cpp (TORCH_LIBRARY), CPU
-// kernels in csrc/cpu/, CUDA kernels in csrc/cuda/, each registered for its dispatch key.
-// This file only exposes what was compiled in (kernels, CUDA architectures), for fastcnn.info()
-// and fastcnn.backend, and the CPU capability
-// (DEFAULT / AVX2 build of the CPU kernels, csrc/cpu/channel_act_cpu.h) in use.
+// The extension module fastcnn._C. This file only exposes what was compiled in (kernels, CUDA
+// architectures), for fastcnn.info() and fastcnn.backend, and the CPU capability (DEFAULT / AVX2
+// build of the CPU kernels, csrc/channel_act/cpu/channel_act_cpu.h) in use. The ops themselves
+// (torch.ops.fastcnn.*) register with the dispatcher from their own files, as torchvision's
+// csrc/ops does:
+//
+//   csrc/fastcnn.cpp           this file (the Python module)
+//   csrc/include/              helpers every part shares: act.h (activations), common.h
+//                              (argument checks, layouts), layer_op.h (the composite ops'
+//                              dispatcher handles and autograd bookkeeping)
+//   csrc/channel_act/          the per-channel affine + activation kernel library the bn_act and
+//                              se_block families run on (cpu/, cpu/avx2/, cuda/); no ops
+//   csrc/ops/<family>/         one folder per op family: bn_act, se_block, grouped_conv,
+//                              conv_layers (conv_bn_act, conv_act). The family's top file
+//                              declares its schemas (TORCH_LIBRARY_FRAGMENT; there is no central
+//                              schema file) and the composites' CompositeExplicitAutograd +
+//                              Autograd kernels; cpu/ registers the CPU dispatch key, cuda/ the
+//                              CUDA key (a cuda/*.cpp is guarded by WITH_CUDA; *.cu files are
+//                              only compiled in CUDA builds). Device-generic op code is a
+//                              template over the device, instantiated by each device's file.
+//
+// setup.py compiles every csrc/**/*.cpp (the files in avx2/ folders with AVX2 flags) and, in
+// CUDA builds, every csrc/**/*.cu, with csrc/ on the include path ("include/common.h", ...).
+// fastcnn/ops/extension_backend.py registers the primitive ops' autograd formulas and every op's
+// fake (meta) implementation for torch.compile.
+//
+// Conventions of every op: x and the returned activations share x's dtype (fp32, fp16 or bf16)
+// and memory format (NCHW or channels_last); statistics and per-channel vectors are fp32;
+// parameter gradients come back in the parameter's dtype; a gradient for an absent optional
+// input (residual) is an empty tensor; backward ops have an Autograd fallthrough (they are not
+// differentiable themselves).
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 
 #include <string>
 #include <vector>
 
-#include "cpu/channel_act_cpu.h"
+#include "channel_act/cpu/channel_act_cpu.h"
 
 static bool has_cpu() { return true; }
 

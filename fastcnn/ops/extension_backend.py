@@ -1,10 +1,10 @@
 """The ``cuda`` and ``cpu`` backends: the compiled extension ``fastcnn._C``, whose ops are
-registered with the dispatcher as ``torch.ops.fastcnn.*`` (schemas in ``csrc/``).
+registered with the dispatcher as ``torch.ops.fastcnn.*`` (schemas in ``csrc/ops/<family>/``).
 
 This module is the only Python code that talks to the extension. Each public op is one call of
 a composite C++ op -- ``conv_bn_act``, ``bn_act``, ``conv_act``, ``se_block`` -- whose autograd
-is written in C++ (csrc/conv_bn_act.cpp, csrc/conv_act.cpp, csrc/bn_act.cpp,
-csrc/se_block.cpp): one dispatcher call forward and one autograd node backward per fused layer,
+is written in C++ (csrc/ops/conv_layers/, csrc/ops/bn_act/, csrc/ops/se_block/): one dispatcher
+call forward and one autograd node backward per fused layer,
 the running statistics updated and eval-mode BN folded inside the op. The convolution runs
 through ATen (cuDNN / oneDNN) inside the op; BN statistics, normalisation, residual and
 activation through the extension's channel_act kernels.
@@ -15,7 +15,7 @@ What stays here: fake implementations (``torch.library.register_fake``) of every
 directly, and marking outputs rebuildable (:mod:`fastcnn.recompute`) from what the composites
 return (the convolution output and the batch statistics).
 
-Convolution choice: the direct ``grouped_conv2d`` op (csrc/*/grouped_conv_kernel.*) is
+Convolution choice: the direct ``grouped_conv2d`` op (csrc/ops/grouped_conv/) is
 registered and tested, but the composites use ATen's convolution for every shape; see
 ``GROUPED_CONV_NOTE`` for the CPU measurement behind that.
 """
@@ -63,7 +63,7 @@ def unavailable_reason(op: str, device_type: str, backend: str) -> str | None:
 
 # --------------------------------------------------------------------------- fake impls
 def _kernel_format(x: torch.Tensor) -> torch.memory_format:
-    """Mirror of ``kernel_format`` in csrc/channel_act.h: the layout of the kernels' outputs."""
+    """Mirror of ``kernel_format`` in csrc/include/common.h: the layout of the kernels' outputs."""
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format

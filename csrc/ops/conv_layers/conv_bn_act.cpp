@@ -1,6 +1,12 @@
+// The conv_layers op family (csrc/ops/conv_layers/): the fused convolution layers as composite
+// ops, conv_bn_act.cpp and conv_act.cpp, each with its schema, a CompositeExplicitAutograd
+// kernel (device-generic) and an Autograd kernel (its C++ autograd). No cpu/ or cuda/ part:
+// their device code is ATen's convolution and the bn_act family's ops, reached through the
+// dispatcher, which picks each device's kernels.
+//
 // The fused post-activation layer as one op: act(BN(conv(x)) (+ residual)), the convolution
-// through ATen (cuDNN / oneDNN), BN + residual + activation through the channel_act kernels
-// (csrc/bn_act.cpp), the running statistics updated and eval-mode BN folded inside the op.
+// through ATen (cuDNN / oneDNN), BN + residual + activation through the `bn_act` composite's
+// code (csrc/ops/bn_act/), the running statistics updated and eval-mode BN folded inside the op.
 // One dispatcher call forward, no Python in between.
 //
 // Autograd: two nodes, ATen's convolution node and the C++ BN+activation node of the `bn_act`
@@ -15,9 +21,9 @@
 // keeping it (fastcnn.recompute).
 #include <torch/library.h>
 
-#include "bn_act.h"
-#include "common.h"
-#include "layer_op.h"
+#include "include/common.h"
+#include "include/layer_op.h"
+#include "ops/bn_act/bn_act.h"
 
 namespace fastcnn {
 namespace {

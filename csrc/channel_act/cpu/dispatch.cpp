@@ -1,13 +1,13 @@
 // Run-time choice between the CPU capability builds of the channel_act kernels
-// (csrc/cpu/channel_act_cpu.h): cpu::slot_mean_var etc., as declared in csrc/channel_act.h,
-// forward to the DEFAULT or AVX2 copy.
+// (csrc/channel_act/cpu/channel_act_cpu.h): cpu::slot_mean_var etc., as declared in
+// csrc/channel_act/channel_act.h, forward to the DEFAULT or AVX2 copy.
 #include <ATen/Version.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cctype>
 
-#include "cpu/channel_act_cpu.h"
+#include "channel_act/cpu/channel_act_cpu.h"
 
 namespace fastcnn {
 namespace cpu {

@@ -1,13 +1,24 @@
-// Small helpers shared by the op implementations in csrc/*.cpp: argument checks (clear
+// Small helpers shared by the op implementations under csrc/ops/: argument checks (clear
 // messages before any kernel runs), layout handling and the device guard.
+//
+// csrc/include/ holds what every part of the extension shares: act.h (the activations, host
+// and device), common.h (this file) and layer_op.h (the composite layer ops' dispatcher
+// handles and autograd bookkeeping). They are included as "include/<name>.h" (setup.py puts
+// csrc/ on the include path).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 
-#include "channel_act.h"
-
 namespace fastcnn {
+
+// Memory format the kernels use for x: channels_last when x is laid out that way (and not
+// also plain contiguous), else NCHW. The fake (meta) implementations mirror this rule.
+inline at::MemoryFormat kernel_format(const at::Tensor& x) {
+  if (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return at::MemoryFormat::ChannelsLast;
+  return at::MemoryFormat::Contiguous;
+}
 
 inline void check_activation(const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.dim() == 4, "fastcnn: ", name, " must be 4-D (N, C, H, W), got ", x.sizes());

@@ -3,14 +3,15 @@
 // Computes in fp32 on NCHW copies, parallel over (n, out-channel), (n, in-channel) and
 // out-channel respectively; the innermost loops run over contiguous output/input rows.
 // conv_bn_act does not use it by default: see GROUPED_CONV_NOTE in
-// fastcnn/ops/extension_backend.py for the measurement against oneDNN.
+// fastcnn/ops/extension_backend.py for the measurement against oneDNN. Registered for the CPU
+// dispatch key here; the schemas are in csrc/ops/grouped_conv/grouped_conv.cpp.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
-#include "common.h"
-#include "grouped_conv.h"
+#include "include/common.h"
+#include "ops/grouped_conv/grouped_conv.h"
 
 namespace fastcnn {
 namespace {

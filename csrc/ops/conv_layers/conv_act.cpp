@@ -1,3 +1,9 @@
+// The conv_layers op family (csrc/ops/conv_layers/): the fused convolution layers as composite
+// ops, conv_bn_act.cpp and conv_act.cpp, each with its schema, a CompositeExplicitAutograd
+// kernel (device-generic) and an Autograd kernel (its C++ autograd). No cpu/ or cuda/ part:
+// their device code is ATen's convolution and the bn_act family's ops, reached through the
+// dispatcher, which picks each device's kernels.
+//
 // The fused layer without BN as one op: act(conv(x) + bias (+ residual)), the convolution
 // through ATen (cuDNN / oneDNN), bias + residual + activation through the channel_act epilogue
 // (scale_shift_act, in fp32) with its autograd node written here in C++: one dispatcher call forward, no
@@ -10,8 +16,11 @@
 //     of y may rebuild y from it: fastcnn.recompute); the second output is empty otherwise
 #include <torch/library.h>
 
-#include "common.h"
-#include "layer_op.h"
+#include <string>
+
+#include "include/act.h"
+#include "include/common.h"
+#include "include/layer_op.h"
 
 namespace fastcnn {
 namespace {
@@ -121,7 +130,8 @@ struct EpilogueFunction : public torch::autograd::Function<EpilogueFunction> {
 
 // The Autograd-key kernel: ATen's convolution node, then the epilogue's node (two nodes, so
 // that the convolution's backward runs after the epilogue's node has let go of the incoming
-// gradient and what it kept -- the peak of the unfused layers; see csrc/conv_bn_act.cpp).
+// gradient and what it kept -- the peak of the unfused layers; see
+// csrc/ops/conv_layers/conv_bn_act.cpp).
 std::tuple<Tensor, Tensor> conv_act_autograd(const Tensor& x, const Tensor& weight, const OptT& bias,
                                              const OptT& residual, IntList stride, IntList padding,
                                              IntList dilation, int64_t groups, c10::string_view act,

@@ -1,5 +1,6 @@
-// Shared argument handling of the direct grouped convolution (csrc/cpu/grouped_conv_kernel.cpp,
-// csrc/cuda/grouped_conv_kernel.cu): shape checks and the output size.
+// Shared argument handling of the direct grouped convolution (the kernels in
+// csrc/ops/grouped_conv/cpu/grouped_conv_kernel.cpp and cuda/grouped_conv_kernel.cu): shape
+// checks and the output size.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -3,15 +3,17 @@
 // over its group's channels and taps (gather form, no atomics), and one block per weight
 // element reducing over batch and space with a warp-shuffle block reduction. fp32 math on
 // NCHW copies; fp16/bf16 storage. conv_bn_act uses cuDNN by default (see
-// fastcnn/ops/extension_backend.py); this op is the GPU twin of csrc/cpu/grouped_conv_kernel.cpp.
+// fastcnn/ops/extension_backend.py); this op is the GPU twin of
+// csrc/ops/grouped_conv/cpu/grouped_conv_kernel.cpp. Registered for the CUDA dispatch key here;
+// the schemas are in csrc/ops/grouped_conv/grouped_conv.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
-#include "common.h"
-#include "grouped_conv.h"
+#include "include/common.h"
+#include "ops/grouped_conv/grouped_conv.h"
 
 namespace fastcnn {
 namespace {

@@ -1,7 +1,8 @@
 // BatchNorm (+ residual) + activation as a layer does it, for the composite ops (the `bn_act`
-// composite in csrc/bn_act.cpp and `conv_bn_act` in csrc/conv_bn_act.cpp): in training, batch
-// statistics and the running-statistics update; in eval, BN folded from the running statistics
-// into a per-channel scale and shift. One definition of those semantics for every C++ caller.
+// composite in csrc/ops/bn_act/bn_act.cpp, which defines these, and `conv_bn_act` in
+// csrc/ops/conv_layers/conv_bn_act.cpp): in training, batch statistics and the
+// running-statistics update; in eval, BN folded from the running statistics into a per-channel
+// scale and shift. One definition of those semantics for every C++ caller.
 #pragma once
 
 #include <ATen/ATen.h>

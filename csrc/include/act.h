@@ -1,5 +1,6 @@
 // Activations of the fused kernels, shared by the CPU and CUDA code: their ids, parsing of
 // the schema's `str act`, and the scalar forward / derivative in fp32 (host and device).
+// The ids and names follow fastcnn/ops/names.py (checked by tests/test_op_names.py).
 #pragma once
 
 #include <cmath>

@@ -1,5 +1,5 @@
 // CUDA implementation of the per-channel affine + activation primitives (see
-// csrc/channel_act.h). Elementwise passes: grid-stride loops over 16-byte packs (4 fp32 or
+// csrc/channel_act/channel_act.h). Elementwise passes: grid-stride loops over 16-byte packs (4 fp32 or
 // 8 fp16/bf16 values) when the layout and alignment allow, grid sized from the SM count.
 // Reductions: per-slot partial sums with warp-shuffle block reductions, split across blocks
 // so the grid fills the GPU, then one small kernel combining the partials in fp64. All math
@@ -9,7 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
 
-#include "channel_act.h"
+#include "channel_act/channel_act.h"
 
 namespace fastcnn {
 namespace cuda {

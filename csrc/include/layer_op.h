@@ -1,7 +1,8 @@
-// What the composite layer ops (csrc/conv_bn_act.cpp, conv_act.cpp, the `bn_act` and `se_block`
-// composites in bn_act.cpp / se_block.cpp) share: calling the channel_act primitive ops through
-// the dispatcher, the BatchNorm running-statistics update, and bookkeeping for their autograd
-// Functions written in C++.
+// What the composite layer ops (csrc/ops/conv_layers/conv_bn_act.cpp and conv_act.cpp, the
+// `bn_act` and `se_block` composites in csrc/ops/bn_act/bn_act.cpp and
+// csrc/ops/se_block/se_block.cpp) share: calling the primitive ops through the dispatcher, the
+// BatchNorm running-statistics update, and bookkeeping for their autograd Functions written in
+// C++.
 //
 // Why composites: a fused layer used to be several Python-level calls (convolution, the
 // primitive op with a Python autograd formula, the running-statistics update, eval folding),

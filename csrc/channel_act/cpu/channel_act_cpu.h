@@ -1,11 +1,13 @@
-// The CPU kernels of csrc/channel_act.h, once per CPU capability (csrc/cpu/channel_act_impl.h
-// compiled as DEFAULT and, on x86-64, as AVX2), and the capability in use at run time.
+// The CPU kernels of csrc/channel_act/channel_act.h, once per CPU capability
+// (csrc/channel_act/cpu/channel_act_impl.h compiled as DEFAULT and, on x86-64, as AVX2), and
+// the capability in use at run time (csrc/channel_act/cpu/dispatch.cpp; fastcnn._C reports
+// and sets it, csrc/fastcnn.cpp).
 #pragma once
 
 #include <string>
 #include <vector>
 
-#include "channel_act.h"
+#include "channel_act/channel_act.h"
 
 namespace fastcnn {
 

@@ -1,12 +1,13 @@
-// The CPU per-channel affine + activation kernels (see csrc/channel_act.h), written once and
-// compiled once per CPU capability, as ATen compiles its own kernels:
-//   csrc/cpu/channel_act_kernel.cpp       CPU_CAPABILITY=DEFAULT (baseline x86-64 / any CPU):
-//                                         plain loops, vectorised by the compiler where it can
-//   csrc/cpu/avx2/channel_act_kernel.cpp  CPU_CAPABILITY=AVX2, built with -mavx2 -mfma -mf16c:
-//                                         explicit at::vec::Vectorized<float> (8 lanes) loops
+// The CPU per-channel affine + activation kernels (see csrc/channel_act/channel_act.h), written
+// once and compiled once per CPU capability, as ATen compiles its own kernels (paths under
+// csrc/channel_act/cpu/):
+//   channel_act_kernel.cpp       CPU_CAPABILITY=DEFAULT (baseline x86-64 / any CPU):
+//                                plain loops, vectorised by the compiler where it can
+//   avx2/channel_act_kernel.cpp  CPU_CAPABILITY=AVX2, built with -mavx2 -mfma -mf16c:
+//                                explicit at::vec::Vectorized<float> (8 lanes) loops
 // Each copy lives in its own namespace fastcnn::cpu::<CPU_CAPABILITY> (and ATen's vec types
-// in at::vec::<CPU_CAPABILITY>), so the two builds never share a symbol; csrc/cpu/dispatch.cpp
-// picks one at run time (csrc/cpu/capability.h).
+// in at::vec::<CPU_CAPABILITY>), so the two builds never share a symbol; dispatch.cpp picks
+// one at run time (the capability interface is in channel_act_cpu.h).
 //
 // Layouts (Geom): I > 1 is a contiguous run of I elements with one parameter slot (NCHW);
 // I == 1 is rows of G elements with one slot per lane (channels_last). Every pass is
@@ -29,8 +30,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "channel_act.h"
-#include "cpu/channel_act_cpu.h"
+#include "channel_act/channel_act.h"
+#include "channel_act/cpu/channel_act_cpu.h"
 
 namespace fastcnn {
 namespace cpu {
@@ -52,7 +53,7 @@ constexpr bool kVec = true;
 constexpr bool kVec = false;
 #endif
 
-// the storage dtypes of the ops (fp32, fp16, bf16; csrc/common.h rejects the rest)
+// the storage dtypes of the ops (fp32, fp16, bf16; csrc/include/common.h rejects the rest)
 #define FASTCNN_DISPATCH_STORAGE(TYPE, NAME, ...)                  \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
@@ -91,7 +92,7 @@ inline float hsum(const VF& v) {
 }
 
 // --------------------------------------------------------------------------- activations
-// Vector twins of apply_act / act_grad (csrc/act.h), same conventions: relu'(0) = 0, and the
+// Vector twins of apply_act / act_grad (csrc/include/act.h), same conventions: relu'(0) = 0, and the
 // comparison z > 0 is false for NaN exactly as in the scalar code.
 template <int ACT>
 inline VF act_v(const VF& z, float p) {

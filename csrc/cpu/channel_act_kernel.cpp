@@ -1,4 +1,0 @@
-// The DEFAULT-capability build of the CPU channel_act kernels (csrc/cpu/channel_act_impl.h):
-// compiled with the extension's ordinary flags, runs on any CPU.
-#define CPU_CAPABILITY DEFAULT
-#include "cpu/channel_act_impl.h"

@@ -1,0 +1,202 @@
+// The bn_act op family: fused BatchNorm (+ residual) + activation.
+//   csrc/ops/bn_act/bn_act.cpp            this file: every schema of the family, the Autograd
+//                                         fallthroughs of its backward ops, and the `bn_act`
+//                                         composite (BN semantics of a layer, its C++ autograd)
+//   csrc/ops/bn_act/bn_act.h              the composite's C++ interface (used by conv_bn_act)
+//   csrc/ops/bn_act/bn_act_kernel.h       the primitive ops' code, written once as templates
+//                                         over the device
+//   csrc/ops/bn_act/cpu/bn_act_cpu.cpp    registers the primitives for CPU
+//   csrc/ops/bn_act/cuda/bn_act_cuda.cpp  registers the primitives for CUDA (CUDA builds)
+// The primitives run on the channel_act kernels (csrc/channel_act/); fastcnn/ops/
+// extension_backend.py registers their autograd formulas and every op's fake implementation.
+// The conventions every fastcnn op follows (dtypes, memory formats, gradients of absent
+// inputs) are in csrc/fastcnn.cpp.
+#include <torch/library.h>
+
+#include <string>
+
+#include "include/common.h"
+#include "include/layer_op.h"
+#include "ops/bn_act/bn_act.h"
+#include "ops/bn_act/bn_act_kernel.h"
+
+TORCH_LIBRARY_FRAGMENT(fastcnn, m) {
+  // training-mode BatchNorm (batch statistics) + residual + activation; returns
+  // (y, batch mean, biased batch variance), both statistics fp32 [C]
+  m.def("bn_act_forward(Tensor x, Tensor weight, Tensor bias, Tensor? residual, float eps, "
+        "str act, float act_param) -> (Tensor, Tensor, Tensor)");
+  // act(BN(x) (+ residual)) from given batch statistics (mean, biased var: bn_act_forward's
+  // own outputs) -- bit for bit bn_act_forward's y, without its statistics pass: how a
+  // rebuilt activation is recomputed in backward
+  m.def("bn_act_apply(Tensor x, Tensor weight, Tensor bias, Tensor? residual, Tensor mean, "
+        "Tensor var, float eps, str act, float act_param) -> Tensor");
+  // -> (grad_x, grad_residual, grad_weight, grad_bias)
+  m.def("bn_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor? residual, "
+        "Tensor mean, Tensor var, float eps, str act, float act_param) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // act(x * scale[c] + shift[c] (+ residual)): eval-mode BN (folded) and conv bias + act
+  m.def("scale_shift_act(Tensor x, Tensor? scale, Tensor? shift, Tensor? residual, str act, "
+        "float act_param) -> Tensor");
+  // -> (grad_x, grad_residual, grad_scale, grad_shift)
+  m.def("scale_shift_act_backward(Tensor grad_y, Tensor x, Tensor? scale, Tensor? shift, "
+        "Tensor? residual, str act, float act_param) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+// The backward ops are not differentiable themselves (no double backward): autograd passes
+// through them instead of warning about a missing formula.
+TORCH_LIBRARY_IMPL(fastcnn, Autograd, m) {
+  for (const char* name : {"bn_act_backward", "scale_shift_act_backward"})
+    m.impl(name, torch::CppFunction::makeFallthrough());
+}
+
+namespace fastcnn {
+
+// ----------------------------------------------------------------------- the layer semantics
+BnLayerOut bn_layer_forward(const Tensor& z, const Tensor& weight, const Tensor& bias, const OptT& running_mean,
+                            const OptT& running_var, const OptT& residual, bool training, double momentum,
+                            double eps, c10::string_view act, double act_param) {
+  if (training) {
+    auto [y, mean, var] = op_bn_act_forward().call(z, weight, bias, residual, eps, act, act_param);
+    update_running_stats(running_mean, running_var, mean, var, z.numel() / z.size(1), momentum);
+    return {y, mean, var};
+  }
+  TORCH_CHECK_VALUE(running_mean.has_value() && running_var.has_value(),
+                    "fastcnn: bn_act in eval mode needs running_mean and running_var");
+  check_activation(z, "x");
+  check_vector(*running_mean, z.size(1), z, "running_mean");
+  check_vector(*running_var, z.size(1), z, "running_var");
+  check_vector(weight, z.size(1), z, "bn_weight");
+  check_vector(bias, z.size(1), z, "bn_bias");
+  const BnCoef k = bn_coef(weight, bias, *running_mean, *running_var, eps);
+  return {op_scale_shift_act().call(z, k.scale, k.shift, residual, act, act_param), Tensor(), Tensor()};
+}
+
+BnLayerGrad bn_layer_backward(const Tensor& gy, const Tensor& z, const Tensor& weight, const Tensor& bias,
+                              const Tensor& residual, const Tensor& mean, const Tensor& var, bool training,
+                              double eps, c10::string_view act, double act_param) {
+  if (training) {
+    auto [gz, gr, gw, gb] = op_bn_act_backward().call(gy, z, weight, bias, opt(residual), mean, var, eps, act,
+                                                      act_param);
+    return {gz, residual.defined() ? gr : Tensor(), gw, gb};
+  }
+  const BnCoef k = bn_coef(weight, bias, mean, var, eps);
+  auto [gz, gr, gscale, gshift] =
+      op_scale_shift_act_backward().call(gy, z, k.scale, k.shift, opt(residual), act, act_param);
+  // scale = weight * invstd and shift = bias - mean * scale both depend on the weight
+  return {gz, residual.defined() ? gr : Tensor(), cast((gscale - f32(mean) * gshift) * k.invstd, weight.scalar_type()),
+          cast(gshift, bias.scalar_type())};
+}
+
+namespace {
+
+// --------------------------------------------------------------------- the bn_act composite
+// (y, batch mean, batch var); eval returns empty statistics
+std::tuple<Tensor, Tensor, Tensor> bn_act_outputs(const Tensor& x, BnLayerOut o) {
+  if (!o.mean.defined()) {  // two tensors: outputs must not alias each other
+    o.mean = at::empty({0}, x.options().dtype(at::kFloat));
+    o.var = at::empty({0}, x.options().dtype(at::kFloat));
+  }
+  return {o.y, o.mean, o.var};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> bn_act_layer(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                                const OptT& running_mean, const OptT& running_var,
+                                                const OptT& residual, bool training, double momentum, double eps,
+                                                c10::string_view act, double act_param) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return bn_act_outputs(x, bn_layer_forward(x, weight, bias, running_mean, running_var, residual, training,
+                                            momentum, eps, act, act_param));
+}
+
+namespace {
+
+struct BnActFunction : public torch::autograd::Function<BnActFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                               const OptT& running_mean, const OptT& running_var, const OptT& residual,
+                               bool training, double momentum, double eps, c10::string_view act,
+                               double act_param) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    BnLayerOut o = bn_layer_forward(x, weight, bias, running_mean, running_var, residual, training, momentum,
+                                    eps, act, act_param);
+    // the batch statistics are this node's own [C] vectors: kept in saved_data, past the
+    // saved-tensor hooks (one Python call each inside a fused model) -- the running statistics
+    // of eval mode are buffers others may change, so they go through save_for_backward's checks
+    // The BN weight and bias (parameters) likewise, with their version counters checked in
+    // backward as save_for_backward would.
+    if (training) {
+      ctx->save_for_backward({x, or_undefined(residual)});
+      ctx->saved_data["mean"] = o.mean;
+      ctx->saved_data["var"] = o.var;
+    } else {
+      ctx->save_for_backward({x, or_undefined(residual), *running_mean, *running_var});
+    }
+    ctx->saved_data["weight"] = weight;
+    ctx->saved_data["bias"] = bias;
+    ctx->saved_data["versions"] = std::vector<int64_t>{static_cast<int64_t>(weight._version()),
+                                                       static_cast<int64_t>(bias._version())};
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["act"] = std::string(act);
+    ctx->saved_data["act_param"] = act_param;
+    auto [y, m, v] = bn_act_outputs(x, std::move(o));
+    ctx->mark_non_differentiable({m, v});
+    return {y, m, v};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &residual = saved[1];
+    const Tensor weight = ctx->saved_data["weight"].toTensor(), bias = ctx->saved_data["bias"].toTensor();
+    const auto versions = ctx->saved_data["versions"].toIntVector();
+    TORCH_CHECK(weight._version() == static_cast<uint32_t>(versions[0]) &&
+                    bias._version() == static_cast<uint32_t>(versions[1]),
+                "fastcnn: a BatchNorm weight or bias used by a fused bn_act was modified in place between "
+                "forward and backward (e.g. an optimizer step before backward); its gradient would be wrong");
+    variable_list out(11);
+    if (!grads[0].defined()) return out;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const std::string act = ctx->saved_data["act"].toStringRef();
+    const bool training = ctx->saved_data["training"].toBool();
+    const Tensor mean = training ? ctx->saved_data["mean"].toTensor() : saved[2];
+    const Tensor var = training ? ctx->saved_data["var"].toTensor() : saved[3];
+    BnLayerGrad g = bn_layer_backward(grads[0], x, weight, bias, residual, mean, var, training,
+                                      ctx->saved_data["eps"].toDouble(), act, ctx->saved_data["act_param"].toDouble());
+    out[0] = g.gz;
+    out[1] = g.gweight;
+    out[2] = g.gbias;
+    out[5] = g.gr;
+    return out;
+  }
+};
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> bn_act_autograd(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                                   const OptT& running_mean, const OptT& running_var,
+                                                   const OptT& residual, bool training, double momentum,
+                                                   double eps, c10::string_view act, double act_param) {
+  const Tensor r = or_undefined(residual);
+  if (!any_requires_grad({&x, &weight, &bias, &r}))
+    return bn_act_layer(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act,
+                        act_param);
+  auto out = BnActFunction::apply(x, weight, bias, running_mean, running_var, residual, training, momentum,
+                                  eps, act, act_param);
+  return {out[0], out[1], out[2]};
+}
+
+// the composite layer op: one dispatcher call forward, one autograd node backward
+TORCH_LIBRARY_FRAGMENT(fastcnn, m) {
+  // act(BN(x) (+ residual)) as nn.BatchNorm2d + activation: training uses batch statistics and
+  // updates running_mean/var in place with `momentum` (resolved factor; 0: no update); eval folds
+  // the running statistics. Returns (y, batch mean, biased batch var); eval: empty statistics.
+  m.def("bn_act(Tensor x, Tensor weight, Tensor bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+        "Tensor? residual, bool training, float momentum, float eps, str act, float act_param) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastcnn, CompositeExplicitAutograd, m) { m.impl("bn_act", &bn_act_layer); }
+TORCH_LIBRARY_IMPL(fastcnn, Autograd, m) { m.impl("bn_act", &bn_act_autograd); }
+
+}  // namespace fastcnn
