@@ -14,6 +14,12 @@ Each result's ``extra_info`` has ``images_per_s`` (batch / median step time), ``
 measured by ``fastcnn.memory.MemoryTracker``, parameters, gradients and optimizer state
 included; None for compiled variants on CPU, which the tracker cannot see into), and the run's environment (device, versions, threads, dtype, batch, date).
 
+Side by side (CPU): on a shared machine the load changes from one test to the next, so on CPU a
+non-eager variant's test also runs the same model eager, one step before each of its own timed
+rounds (pytest-benchmark's untimed ``setup``), and records that as ``eager_images_per_s``;
+``python -m bench.report`` takes "over eager" ratios from the pair. (Not on a GPU: a lent GPU is
+not shared, and the eager twin's steps would enter the variant's allocator peak.)
+
 Default selection: on a GPU every zoo model at batch 128; on CPU four models whose balance of
 convolution and BN/activation/SE work differs, at batches a 2-core machine runs in about 15
 minutes. ``--bench-models all`` selects the whole zoo.
@@ -107,9 +113,19 @@ def test_model(benchmark, name, workload, variant):
     first = harness.timed(step)  # compilation, autotuning, allocator growth
     warm = [harness.timed(step) for _ in range(WARMUP - 1)]
     peak = None if "compile" in variant else _peak_bytes(step, model, opt, x, y)
+    eager_step = _eager_twin(name, workload, x, y) if variant != "eager" and not harness.CUDA else None
+    eager_times = []
+
+    def time_eager():  # untimed by pytest-benchmark: one eager step before each timed round
+        if eager_step is not None:
+            eager_times.append(harness.timed(eager_step))
+
+    if eager_step is not None:
+        eager_step()
     if harness.CUDA:
         torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(lambda: (step(), harness.sync()), rounds=ROUNDS[harness.DEVICE], iterations=1)
+    benchmark.pedantic(lambda: (step(), harness.sync()), setup=time_eager, rounds=ROUNDS[harness.DEVICE],
+                       iterations=1)
     if harness.CUDA:
         peak = torch.cuda.max_memory_allocated()
     median = benchmark.stats.stats.median
@@ -120,8 +136,29 @@ def test_model(benchmark, name, workload, variant):
         first_step_s=first, compile_s=max(0.0, first - statistics.median(warm)) if "compile" in variant else 0.0,
         params=sum(p.numel() for p in model.parameters()),
     )
-    del model, run, opt
+    if eager_times:
+        benchmark.extra_info["eager_images_per_s"] = batch / statistics.median(eager_times)
+    del model, run, opt, eager_step
     gc.collect()
+
+
+def _eager_twin(name, workload, x, y):
+    """One step of the same model eager (for the side-by-side ratio)."""
+    model, run, _ = _build(name, "eager", workload)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def train_step():
+        with harness.autocast():
+            loss = F.cross_entropy(run(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def infer_step():
+        with harness.autocast(), torch.no_grad():
+            run(x)
+
+    return train_step if workload == "train" else infer_step
 
 
 def _peak_bytes(step, *held) -> int | None:

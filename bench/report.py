@@ -181,8 +181,12 @@ def model_tables(results):
 
 
 def _ratio(a, b):
+    """a's speed over b's; over eager, from the eager twin timed side by side in a's own test
+    when the run recorded it (``eager_images_per_s``: CPU runs)."""
     if not a or not b:
         return None
+    if b.get("variant") == "eager" and a.get("eager_images_per_s"):
+        return a["images_per_s"] / a["eager_images_per_s"]
     return a["images_per_s"] / b["images_per_s"]
 
 
@@ -309,10 +313,11 @@ def charts(models, host, training, plots_dir: Path):
         fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
         for ax, workload in zip(axes[:2], ("train", "infer")):
             rows = [r for r in group if r["workload"] == workload]
-            eager = {r["model"]: r["images_per_s"] for r in rows if r["variant"] == "eager"}
+            eager = {r["model"]: r for r in rows if r["variant"] == "eager"}
             variants = [v for v in variant_order({r["variant"] for r in rows}) if v != "eager"]
             mods = sorted(eager)
-            _bars(ax, mods, {v: [_value(rows, "images_per_s", model=m, variant=v) / eager[m] for m in mods]
+            _bars(ax, mods, {v: [_ratio(next((r for r in rows if (r["model"], r["variant"]) == (m, v)), None),
+                                        eager[m]) or float("nan") for m in mods]
                              for v in variants})
             ax.axhline(1.0, color="black", lw=0.8)
             ax.set_ylabel("images/s relative to eager")
