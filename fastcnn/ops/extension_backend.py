@@ -143,8 +143,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "conv_act")
     def _(x, weight, bias, residual, stride, padding, dilation, groups, act, act_param):
         z = _conv_out(x, weight, stride, padding, dilation)
-        keeps_z = act in ("silu", "gelu") or (act == "leaky_relu" and act_param < 0) or (act == "elu" and act_param <= 0)
-        return _like(z), (z if keeps_z else x.new_empty(0))
+        # mirror of what_to_keep in the conv_act op: the pre-activation unless act' follows from y
+        from_output = act in ("identity", "relu") or (act == "leaky_relu" and act_param >= 0) or \
+            (act == "elu" and act_param > 0)
+        return _like(z), (x.new_empty(0) if from_output else z)
 
     @torch.library.register_fake(lib + "se_block")
     def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param):
@@ -152,11 +154,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "grouped_conv2d")
     def _(x, weight, stride, padding, dilation, groups):
-        n, _c, h, w = x.shape
-        k, _ci, kh, kw = weight.shape
-        oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        return torch.empty((n, k, oh, ow), dtype=x.dtype, device=x.device, memory_format=_kernel_format(x))
+        return _conv_out(x, weight, stride, padding, dilation)
 
     @torch.library.register_fake(lib + "grouped_conv2d_backward")
     def _(grad_y, x, weight, stride, padding, dilation, groups, output_mask):
