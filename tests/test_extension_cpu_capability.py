@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from extension_cases import ACTS, assert_close, make
+from op_cases import ACTS, assert_close, make
 
 ext = pytest.importorskip("fastcnn._C", reason="the extension fastcnn._C is not built")
 

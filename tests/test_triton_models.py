@@ -2,8 +2,8 @@
 training step at batch 2: logits, every parameter gradient and the BN running statistics.
 
 The unfused model also runs in float64; the fused fp32 result must be as close to it as
-the unfused fp32 model is (see ``assert_matches``): small-batch BN makes deep nets'
-gradients sensitive to rounding, so a fixed tolerance would be either loose or flaky.
+the unfused fp32 model is (``assert_close`` of tests/op_cases.py): small-batch BN makes deep
+nets' gradients sensitive to rounding, so a fixed tolerance would be either loose or flaky.
 
 With ReLU (and max-pool) the comparison cannot be elementwise: a pre-activation within
 ~1e-6 of zero (a few per million) may land on the other side of the kink in one of the two
@@ -26,7 +26,7 @@ import fastcnn
 from fastcnn.layers import set_fused
 from fastcnn.models.resnext import ResNeXt29
 
-from test_triton_common import assert_matches, device
+from op_cases import BACKENDS, assert_close
 
 pytestmark = pytest.mark.triton
 
@@ -51,7 +51,7 @@ def assert_norm_close(ours, ref64, what, floor, rtol=2e-2):
 
 
 def check_model(model, hw, dev=None, batch=2, elementwise=True):
-    dev = dev or device()
+    dev = dev or BACKENDS["triton"].device
     model = model.to(dev)
     fused = set_fused(copy.deepcopy(model), True)
     ref64 = copy.deepcopy(model).double()
@@ -64,7 +64,7 @@ def check_model(model, hw, dev=None, batch=2, elementwise=True):
 
     def check(a, a64, alp, what):
         if elementwise:
-            assert_matches(a, a64, alp, torch.float32, what)
+            assert_close(a, a64, torch.float32, what, alp)
         else:
             assert_norm_close(a, a64, what, floor)
 
