@@ -2,7 +2,9 @@
 directly (interpreter on CPU, small shapes): the input gradient's stride phases over odd
 geometries, the weight read in place or through its cached pack (and repacked after an
 in-place update), the weight gradient in the weight's own layout (split or not), and the
-two-level (parallel) merge of many BN statistics partials against float64."""
+two-level (parallel) merge of many BN statistics partials against float64. Through the public
+ops: tests/test_op_conv_bn_act.py (the merge end to end) and tests/test_op_conv_act.py (a
+channels_last weight's gradient), in their Triton sections."""
 from __future__ import annotations
 
 import gc
@@ -120,16 +122,6 @@ def test_weight_gradient_in_the_weights_layout(monkeypatch, layout, split, dtype
     torch.testing.assert_close(dw.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
-def test_channels_last_weight_gradient_accumulates_without_relayout():
-    import fastcnn
-    from fastcnn import ops
-    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=CL)
-    w = torch.randn(8, 4, 3, 3).contiguous(memory_format=CL).requires_grad_()
-    with fastcnn.use_backend("triton"):
-        ops.conv_act(x, w, None, padding=1).sum().backward()
-    assert w.grad.stride() == w.stride()
-
-
 def _partials(v: torch.Tensor, rows: int):
     """[T, 2, C] (mean, M2) partials of the [M, C] matrix ``v`` in slabs of ``rows`` rows, in a
     buffer with room for the merged rows (as the ops allocate it)."""
@@ -170,25 +162,3 @@ def test_finalize_merges_many_partials(t_rows, offset):
     torch.testing.assert_close(stats[2].double(), gamma.double() * stats[1].double(), rtol=1e-6, atol=0)
     torch.testing.assert_close(rm.double(), 0.5 * mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(rv.double(), 0.5 + 0.5 * v64.var(0, unbiased=True), rtol=rtol, atol=0)
-
-
-def test_conv_bn_act_with_many_tiles_merges_its_statistics():
-    """End to end: a conv with more output tiles than DIRECT_ROWS (the merge path) gives the
-    reference output and running statistics."""
-    import fastcnn
-    from fastcnn import ops
-    from fastcnn.ops import reference
-
-    x = torch.randn(2, 3, 96, 96)
-    w = torch.randn(4, 3, 1, 1)
-    gamma, beta = torch.rand(4) + 0.5, torch.randn(4)
-    stats = [(torch.zeros(4), torch.ones(4)) for _ in range(2)]
-    kw = dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, training=True, momentum=0.1, eps=1e-5,
-              act="relu", act_param=0.0, residual=None)
-    with torch.no_grad(), fastcnn.use_backend("triton"):
-        y = ops.conv_bn_act(x, w, None, gamma, beta, *stats[0], **kw)
-    assert any(k[2] == 2 * 96 * 96 and v[0] is not None for k, v in ba._FIN.items()), "merge path not taken"
-    yr = reference.conv_bn_act(x, w, None, gamma, beta, *stats[1], **kw)
-    torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-4)
-    for ours, ref in zip(stats[0], stats[1]):
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
