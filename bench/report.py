@@ -134,6 +134,11 @@ def model_tables(results):
     for (device, dtype), group in grouped(results, "device", "dtype"):
         out.append(f"#### {device}, {dtype}\n")
         out.append(f"Measured: {stamp(group)}. Command: " + "; ".join(f"`{c}`" for c in commands(group)) + "\n")
+        if any(r.get("eager_images_per_s") for r in group):
+            out.append("Side by side: each \"/ eager\" ratio compares a variant with the same model eager, run "
+                       "alternately in the same test. The images/s columns and the \"/ compile\" ratios come "
+                       "from separate tests, and on a shared machine they move with its load: read the "
+                       "\"/ eager\" ratios.\n")
         for workload, title in (("train", "Training step (forward, backward, SGD-momentum)"),
                                 ("infer", "Inference (eval, no grad)")):
             rows = [r for r in group if r["workload"] == workload]
@@ -243,7 +248,8 @@ def host_table(results):
                    + ("Ratios: each fused variant against eager timed side by side in the same test. " if side else "")
                    + "Target: fused / eager <= 1.00. Command: "
                    + "; ".join(f"`{c}`" for c in commands(group)) + "\n")
-        head = ["layer", "mode"] + [f"{v} (us)" for v in variants] + [f"{v} / eager" for v in fused]
+        head = ["layer", "mode"] + [f"{v} (us)" for v in variants] + \
+            [f"{v} / eager" + (" (same test)" if side else "") for v in fused]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|")
         for layer in sorted({r["layer"] for r in group}):
