@@ -13,9 +13,9 @@ Environment variables (the FlashAttention convention: the build says what it doe
   MAX_JOBS              parallel compile jobs (torch's own variable)
   FASTCNN_CPU_AVX2=0    skip the AVX2 build of the CPU kernels (default: built on x86-64)
 
-The CPU kernels are compiled twice, as ATen compiles its own: csrc/cpu/*.cpp with the
-ordinary flags (DEFAULT, any CPU) and csrc/cpu/avx2/*.cpp with -mavx2 -mfma -mf16c
-(CPU_CAPABILITY=AVX2); the extension picks one at run time (csrc/cpu/dispatch.cpp).
+The CPU kernels are compiled twice, as ATen compiles its own: csrc/**/*.cpp with the
+ordinary flags (DEFAULT, any CPU) and csrc/**/avx2/*.cpp with -mavx2 -mfma -mf16c
+(CPU_CAPABILITY=AVX2); the extension picks one at run time (csrc/channel_act/cpu/dispatch.cpp).
 
 The extension is built against the torch of the environment it is installed into, so that
 its ABI matches at run time; ``pip install --no-build-isolation -e .`` is the fast path.

@@ -2,7 +2,7 @@
 names them derives from those tuples or is checked against them here -- the backends' op
 tables, the layers' activation table, the Triton kernels' activation codes (kernels/ imports
 nothing from the package, so it keeps its own table) and the C++ ``Act`` enum and its parser
-(csrc/act.h)."""
+(csrc/include/act.h)."""
 from __future__ import annotations
 
 import re
