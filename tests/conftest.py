@@ -29,3 +29,13 @@ def _fresh_dispatch():
     dispatch.clear_cache()
     yield
     dispatch.clear_cache()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    the test machines are shared, and oversubscribed threads made training tests 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -30,12 +30,7 @@ from test_no_host_sync import FailOnHostSync
 CUDA = torch.device("cuda", 0)  # a device object only: nothing runs on it in the CPU tests
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- usage errors

@@ -46,13 +46,7 @@ def cifar_dir(tmp_path_factory):
     return prepared_cifar10(tmp_path_factory)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machines are shared: one thread avoids oversubscription (10x slower otherwise)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _common(cifar_dir, out, *extra):
