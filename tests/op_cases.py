@@ -49,10 +49,10 @@ The comparison (:func:`assert_close`, :func:`check_op`)
     this comparison to the output, every input gradient and the running statistics.
 
 Backends (:data:`BACKENDS`, :func:`backends`, the ``backend`` fixture)
-    ``@backends()`` parametrises a test over ``triton``, ``cpu``, ``cuda`` and ``reference``
-    (``@backends("cpu", "reference")`` over some); the test takes the ``backend`` fixture
-    (import it from here), a :class:`Backend` with the name ``fastcnn.use_backend`` takes and
-    the device its tensors go on. Triton runs on the GPU when there is one and in its
+    ``@backends()`` parametrises a test over ``triton``, ``cpu``, ``cuda`` and ``reference``,
+    ``@backends(*names)`` over some (:data:`GRID`: where the dense grids run); the test takes
+    the ``backend`` fixture (import it from here), a :class:`Backend` with the name
+    ``fastcnn.use_backend`` takes and the device its tensors go on. Triton runs on the GPU when there is one and in its
     interpreter otherwise (the root conftest.py sets ``TRITON_INTERPRET=1`` without CUDA),
     and is marked ``triton``; the extension's ``cpu`` and ``cuda`` are marked ``extension``,
     ``cuda`` also ``gpu`` (skipped without a GPU). A backend that is not available here --
@@ -244,6 +244,14 @@ MARKS = {
     "cuda": (pytest.mark.extension, pytest.mark.gpu),
     "reference": (),
 }
+
+
+#: where the dense grids (shapes x layouts x dtypes x activations) run: the extension on the
+#: CPU, a few milliseconds a case. Not the Triton interpreter (about a second a conv case; it
+#: covers the same features with each op's smaller CASES), not the reference (through the
+#: public op it reproduces its own dtype run by construction: once per CASES is enough), and
+#: not cuda, which has its own grid at GPU sizes.
+GRID = ("cpu",)
 
 
 def backends(*names):

@@ -10,7 +10,7 @@ import torch
 import fastcnn
 from fastcnn import ops
 
-from op_cases import ACT_PARAM, ACTS, LAYOUTS, backend, backends, check_op, make, tensor  # noqa: F401
+from op_cases import ACT_PARAM, ACTS, GRID, LAYOUTS, backend, backends, check_op, make, tensor  # noqa: F401
 
 OP = "bn_act"
 
@@ -67,11 +67,10 @@ def test_bn_act_without_running_stats(backend):
 
 
 # --------------------------------------------------------------------------- dense grids
-# The grids below run on the backends where a case costs milliseconds (the extension on the
-# CPU, the reference); the Triton interpreter takes about a second per conv case and covers
-# the same features with CASES. (The cuda backend has its own grid, at GPU sizes, below.)
+# The grids below run on op_cases.GRID (see there: the extension on the CPU, where a case costs
+# milliseconds); the other backends cover the same features with CASES above. (The cuda backend
+# has its own grid, at GPU sizes, below.)
 
-GRID = ("cpu", "reference")
 SHAPES = ((1, 3, 7, 7), (2, 10, 15, 15), (3, 17, 7, 15))
 
 

@@ -12,7 +12,7 @@ import torch
 import fastcnn
 from fastcnn import ops
 
-from op_cases import LAYOUTS, backend, backends, check_op, make, tensor  # noqa: F401
+from op_cases import GRID, LAYOUTS, backend, backends, check_op, make, tensor  # noqa: F401
 
 OP = "conv_act"
 
@@ -73,10 +73,9 @@ def test_conv_act_input_without_grad(backend):
 
 
 # --------------------------------------------------------------------------- dense grid
-# On the backends where a case costs milliseconds (the extension on the CPU, the reference);
-# the Triton interpreter covers the same features with CASES.
+# The grid below runs on op_cases.GRID (see there: the extension on the CPU, where a case costs
+# milliseconds); the other backends cover the same features with CASES above.
 
-GRID = ("cpu", "reference")
 
 
 @backends(*GRID)
@@ -140,6 +139,7 @@ def test_conv_act_rejects_device_mix(backend):
 def test_conv_act_triton_channels_last_weight_gradient_in_place():
     """A channels_last weight is read in place and its gradient written channels_last, so
     autograd accumulates it without a relayout (the GEMMs themselves: test_triton_conv_gemm.py)."""
+    pytest.importorskip("triton")
     x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
     w = torch.randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
     with fastcnn.use_backend("triton"):

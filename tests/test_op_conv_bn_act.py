@@ -12,7 +12,7 @@ import fastcnn
 from fastcnn import ops
 from fastcnn.ops import reference
 
-from op_cases import ACT_PARAM, ACTS, backend, backends, check_op, make, tensor  # noqa: F401
+from op_cases import ACT_PARAM, ACTS, GRID, backend, backends, check_op, make, tensor  # noqa: F401
 
 OP = "conv_bn_act"
 
@@ -116,10 +116,9 @@ def test_conv_bn_act_eval_no_grad(backend):
 
 
 # --------------------------------------------------------------------------- dense grid
-# On the backends where a case costs milliseconds (the extension on the CPU, the reference);
-# the Triton interpreter covers the same features with CASES.
+# The grid below runs on op_cases.GRID (see there: the extension on the CPU, where a case costs
+# milliseconds); the other backends cover the same features with CASES above.
 
-GRID = ("cpu", "reference")
 
 
 @backends(*GRID)

@@ -12,7 +12,8 @@ import torch
 import fastcnn
 from fastcnn import ops
 
-from op_cases import ACT_PARAM, ACTS, LAYOUTS, assert_close, backend, backends, check_op, make, tensor  # noqa: F401
+from op_cases import (ACT_PARAM, ACTS, GRID, LAYOUTS, assert_close, backend, backends, check_op,  # noqa: F401
+                      make, tensor)
 
 OP = "se_block"
 
@@ -87,12 +88,9 @@ def test_se_block_module_fused_matches_reference(backend):
 
 
 # --------------------------------------------------------------------------- dense grids
-# On the backends where a case costs milliseconds (the extension on the CPU, the reference);
-# the Triton interpreter covers the same features with CASES. (The cuda backend has its own
-# grid, at GPU sizes, below.)
-
-GRID = ("cpu", "reference")
-
+# The grids below run on op_cases.GRID (see there: the extension on the CPU, where a case costs
+# milliseconds); the other backends cover the same features with CASES above. (The cuda backend
+# has its own grid, at GPU sizes, below.)
 
 def _grid_se(backend, shape, hidden, layout, dtype, act="relu", act_param=0.0, with_residual=True,
              with_bias=True, **kw):
