@@ -37,11 +37,12 @@ The comparison (:func:`assert_close`, :func:`check_op`)
 
     One backend stores an intermediate by design: the extension's ``conv_act`` runs ATen's
     convolution *without* the bias in x's dtype and adds bias, residual and activation in its
-    fp32 epilogue (:data:`ROUNDED_CONV`). Its truth rounds the convolution output (and the
-    gradient flowing back into it) to x's dtype the same way, as the inputs are rounded:
-    otherwise a relu kink within one bf16 ulp of z flips sides and moves one gradient
-    element by a whole ``gy * w`` -- neither side wrong, but no tolerance fits (PyTorch adds
-    the bias inside the convolution's fp32 accumulator, so its own run has no such flips).
+    fp32 epilogue (:data:`ROUNDED_CONV`; with identity it is ATen's conv and add). Its truth
+    rounds the convolution output (and the gradient flowing back into it) to x's dtype the
+    same way, as the inputs are rounded: otherwise a relu kink within one bf16 ulp of z
+    flips sides and moves one gradient element by a whole ``gy * w`` -- neither side wrong,
+    but no tolerance fits (PyTorch adds the bias inside the convolution's fp32 accumulator,
+    so its own run has no such flips).
 
     Without ``torch_result`` (two implementations that must agree to rounding, e.g. the two
     CPU builds of one kernel) the bound is the ``REL`` and ``1e-6`` terms alone.
@@ -52,15 +53,16 @@ Backends (:data:`BACKENDS`, :func:`backends`, the ``backend`` fixture)
     ``@backends()`` parametrises a test over ``triton``, ``cpu``, ``cuda`` and ``reference``,
     ``@backends(*names)`` over some (:data:`GRID`: where the dense grids run); the test takes
     the ``backend`` fixture (import it from here), a :class:`Backend` with the name
-    ``fastcnn.use_backend`` takes and the device its tensors go on. Triton runs on the GPU when there is one and in its
-    interpreter otherwise (the root conftest.py sets ``TRITON_INTERPRET=1`` without CUDA),
-    and is marked ``triton``; the extension's ``cpu`` and ``cuda`` are marked ``extension``,
-    ``cuda`` also ``gpu`` (skipped without a GPU). A backend that is not available here --
-    Triton not installed, ``fastcnn._C`` not built -- skips its cases with the dispatcher's
-    reason; a GPU machine whose extension was built without (runnable) CUDA kernels fails
-    the ``cuda`` cases instead, since that is a broken build. ``reference`` runs too: through
-    the public op it must reproduce its own dtype run exactly, which checks the harness and
-    the dispatch to it.
+    ``fastcnn.use_backend`` takes and the device its tensors go on. Triton runs on the GPU
+    when there is one and in its interpreter otherwise (the root conftest.py sets
+    ``TRITON_INTERPRET=1`` without CUDA), and is marked ``triton``; the extension's ``cpu``
+    and ``cuda`` are marked ``extension``, ``cuda`` also ``gpu`` (skipped without a GPU). A
+    backend that is not available here -- Triton not installed, ``fastcnn._C`` not built --
+    skips its cases with the dispatcher's reason; a GPU machine whose extension was built
+    without (runnable) CUDA kernels fails the ``cuda`` cases instead, since that is a broken
+    build. ``reference`` runs the small case tables and argument errors too: through the
+    public op it must reproduce its own dtype run exactly, which checks the harness and the
+    dispatch to it.
 """
 from __future__ import annotations
 
@@ -144,6 +146,7 @@ STATE = ("running_mean", "running_var")
 
 
 def _copy(t, dtype=None):
+    """A fresh leaf with ``t``'s values (in ``dtype``), requiring grad as ``t`` does."""
     if t is None:
         return None
     c = t.detach().to(dtype) if dtype is not None else t.detach()
@@ -151,6 +154,7 @@ def _copy(t, dtype=None):
 
 
 #: (backend, op): the convolution's output is stored in x's dtype before the bias is added
+#: (every activation but identity, for which the extension's conv_act is ATen's conv and add)
 ROUNDED_CONV = {("cpu", "conv_act"), ("cuda", "conv_act")}
 
 
@@ -195,7 +199,7 @@ def check_op(backend, op, tensors, *, grad=True, **options):
         with fastcnn.use_backend(backend.name):
             y = getattr(ops, op)(**tensors, **options)
         truth = getattr(reference, op)
-        if (backend.name, op) in ROUNDED_CONV:
+        if (backend.name, op) in ROUNDED_CONV and options.get("act", "relu") != "identity":
             truth = _conv_act_rounded_z(dtype)
         y_truth = _call(truth, op, truth_in, options)
         y_torch = _call(getattr(reference, op), op, torch_in, options)
