@@ -1,8 +1,9 @@
-"""The two CPU builds of the extension's kernels (csrc/cpu/channel_act_impl.h compiled as
-DEFAULT, plain loops, and as AVX2, explicit 8-lane vectors): the run-time choice, and that
-both builds compute the same results for every op, layout and activation, on shapes whose
-channel and plane sizes are not multiples of the vector width (so the vector bodies, the
-scalar tails and the channels_last row blocks all run)."""
+"""The two CPU builds of the extension's kernels (csrc/channel_act/cpu/channel_act_impl.h
+compiled as DEFAULT, plain loops, and as AVX2, explicit 8-lane vectors): the run-time choice,
+and that both builds compute the same results for every op, layout and activation, on shapes
+whose channel and plane sizes are not multiples of the vector width (so the vector bodies,
+the scalar tails and the channels_last row blocks all run). The builds are compared with
+tests/op_cases.py's assert_close without a PyTorch result: they must agree to rounding."""
 from __future__ import annotations
 
 import pytest
