@@ -96,20 +96,7 @@ def test_model(benchmark, name, workload, variant):
     x = torch.randn(batch, *info.input_size, generator=gen).to(harness.DEVICE)
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, info.num_classes, (batch,), generator=gen).to(harness.DEVICE)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def train_step():
-        with fastcnn.use_backend(backend), harness.autocast():
-            loss = F.cross_entropy(run(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def infer_step():
-        with fastcnn.use_backend(backend), harness.autocast(), torch.no_grad():
-            run(x)
-
-    step = train_step if workload == "train" else infer_step
+    step, opt = _step(model, run, backend, workload, x, y)
     first = harness.timed(step)  # compilation, autotuning, allocator growth
     warm = [harness.timed(step) for _ in range(WARMUP - 1)]
     peak = None if "compile" in variant else _peak_bytes(step, model, opt, x, y)
@@ -142,23 +129,29 @@ def test_model(benchmark, name, workload, variant):
     gc.collect()
 
 
-def _eager_twin(name, workload, x, y):
-    """One step of the same model eager (for the side-by-side ratio)."""
-    model, run, _ = _build(name, "eager", workload)
+def _step(model, run, backend, workload, x, y):
+    """(one step of ``workload`` on ``run``, its optimizer): ``train`` is forward, cross-entropy,
+    backward and an SGD-momentum step; ``infer`` a no-grad forward."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def train_step():
-        with harness.autocast():
+        with fastcnn.use_backend(backend), harness.autocast():
             loss = F.cross_entropy(run(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     def infer_step():
-        with harness.autocast(), torch.no_grad():
+        with fastcnn.use_backend(backend), harness.autocast(), torch.no_grad():
             run(x)
 
-    return train_step if workload == "train" else infer_step
+    return (train_step if workload == "train" else infer_step), opt
+
+
+def _eager_twin(name, workload, x, y):
+    """One step of the same model eager (for the side-by-side ratio)."""
+    model, run, backend = _build(name, "eager", workload)
+    return _step(model, run, backend, workload, x, y)[0]
 
 
 def _peak_bytes(step, *held) -> int | None:

@@ -167,7 +167,7 @@ def _capture_all(args) -> tuple[list, int]:
     out, depth = [], 0
     for a in args:
         if isinstance(a, torch.Tensor):
-            a = _recipe_of(a) or _Kept(a)
+            a = capture(a)
             depth = max(depth, a.depth)
         elif isinstance(a, (tuple, list)):
             inner, d = _capture_all(a)
@@ -177,9 +177,7 @@ def _capture_all(args) -> tuple[list, int]:
 
 
 def _materialize_all(args) -> list:
-    return [a.get() if isinstance(a, (_Kept, _Rebuild))
-            else type(a)(_materialize_all(a)) if isinstance(a, (tuple, list)) else a
-            for a in args]
+    return [type(a)(_materialize_all(a)) if isinstance(a, (tuple, list)) else materialize(a) for a in args]
 
 
 def mark_rebuildable(y: torch.Tensor, fn: Callable[..., torch.Tensor], *args) -> bool:
@@ -225,10 +223,9 @@ def cat(tensors, dim: int = 1) -> torch.Tensor:
 
 def _pack(t: torch.Tensor):
     # runs for every tensor any op saves inside a fused model's forward: kept short
-    root = t if t._base is None else t._base
-    recipe = getattr(root, _ATTR, None)
-    if recipe is not None and root._version == recipe.version:
-        return _Rebuild(recipe, t, root)
+    packed = _recipe_of(t)
+    if packed is not None:
+        return packed
     observer = _state.__dict__.get("observer")
     if observer is not None:
         observer(t)  # fastcnn.memory counts what the graph really keeps

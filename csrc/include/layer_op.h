@@ -20,6 +20,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 
+#include "include/common.h"
+
 #include <optional>
 #include <string>
 #include <tuple>
@@ -91,9 +93,8 @@ inline void update_running_stats(const OptT& running_mean, const OptT& running_v
     return;
   }
   at::NoGradGuard no_grad;
-  rm.lerp_(mean.scalar_type() == rm.scalar_type() ? mean : mean.to(rm.scalar_type()), momentum);
-  const Tensor v = var * unbias;
-  rv.lerp_(v.scalar_type() == rv.scalar_type() ? v : v.to(rv.scalar_type()), momentum);
+  rm.lerp_(cast(mean, rm.scalar_type()), momentum);
+  rv.lerp_(cast(var * unbias, rv.scalar_type()), momentum);
 }
 
 // Which forward arguments of an autograd Function are graph inputs: a C++ Function gives an

@@ -32,8 +32,6 @@ from .names import ACTIVATIONS, OPS
 __all__ = ["conv_bn_act", "bn_act", "conv_act", "se_block", "OPS", "ACTIVATIONS", "implementation",
            "check_conv_bn_act", "check_bn_act", "check_conv_act", "check_se_block"]
 
-_ACTS = ACTIVATIONS
-
 
 def _check_tensor(name, t, *, ndim=None, ref=None, optional=False):
     if t is None:
@@ -58,8 +56,8 @@ def _check_param_dtype(name, t, x):
 
 
 def _check_act(act, act_param):
-    if act not in _ACTS:
-        raise ValueError(f"act {act!r} has no fused implementation; choose one of {', '.join(_ACTS)}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act {act!r} has no fused implementation; choose one of {', '.join(ACTIVATIONS)}")
     if not isinstance(act_param, (int, float)):
         raise TypeError(f"act_param must be a number, got {type(act_param).__name__}")
 

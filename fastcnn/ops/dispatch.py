@@ -216,11 +216,6 @@ def _cuda_device_reason(index: int | None) -> str | None:
     return _ARCH_REASONS[index]
 
 
-def table(mod) -> dict:
-    """A backend module's ``{op: function}`` table."""
-    return mod.IMPLEMENTATIONS
-
-
 def _module(backend: str):
     mod = _MODULES.get(backend)
     if mod is None:
@@ -274,12 +269,12 @@ def implementation(op: str, device):
     goes through :func:`resolve_name`, a constant for the traced graph."""
     if torch.compiler.is_compiling():
         if isinstance(device, torch.device):
-            return table(_MODULES[resolve_name(op, device.type, device.index)])[op]
-        return table(_MODULES[resolve_name(op, device)])[op]
+            return _MODULES[resolve_name(op, device.type, device.index)].IMPLEMENTATIONS[op]
+        return _MODULES[resolve_name(op, device)].IMPLEMENTATIONS[op]
     if isinstance(device, torch.device):
-        key = (op, device.type, device.index, getattr(_state, "override", None) or _default)
+        key = (op, device.type, device.index, get_backend())
     else:
-        key = (op, device, None, getattr(_state, "override", None) or _default)
+        key = (op, device, None, get_backend())
     fn = _RESOLVED.get(key)
     if fn is None:
         fn = _RESOLVED[key] = resolve(op, device)[1]
@@ -300,7 +295,7 @@ def resolve(op: str, device):
     for backend in candidates:
         reason = unavailable_reason(backend, op, device)
         if reason is None:
-            return backend, table(_module(backend))[op]
+            return backend, _module(backend).IMPLEMENTATIONS[op]
         reasons.append(reason)
     avail = available_backends(op, device)
     raise BackendUnavailableError(

@@ -137,18 +137,15 @@ std::tuple<Tensor, Tensor> conv_act_autograd(const Tensor& x, const Tensor& weig
                                              IntList dilation, int64_t groups, c10::string_view act,
                                              double act_param) {
   const Keep keep = what_to_keep(parse_act(std::string(act)), act_param);
-  const Tensor b = or_undefined(bias), r = or_undefined(residual);
-  if (keep == Keep::kNothing || !any_requires_grad({&x, &weight, &b, &r})) {
-    if (keep != Keep::kNothing) {
-      return conv_act_layer(x, weight, bias, residual, stride, padding, dilation, groups, act, act_param);
-    }
-    // identity: ATen's own convolution (with its bias) and add, recorded by ATen
+  if (keep == Keep::kNothing)  // identity: ATen's own convolution (with its bias) and add, recorded by ATen
     return outputs(x, conv_act_compute(x, weight, bias, residual, stride, padding, dilation, groups, keep, act,
                                        act_param));
-  }
+  const Tensor b = or_undefined(bias), r = or_undefined(residual);
+  if (!any_requires_grad({&x, &weight, &b, &r}))
+    return conv_act_layer(x, weight, bias, residual, stride, padding, dilation, groups, act, act_param);
   const Tensor z = at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, groups);
   const Tensor y = EpilogueFunction::apply(z, bias, residual, static_cast<int64_t>(keep), act, act_param);
-  return {y, keep == Keep::kPreActivation ? z : at::empty({0}, x.options())};
+  return outputs(x, {y, keep == Keep::kPreActivation ? z : Tensor()});
 }
 
 }  // namespace
