@@ -42,9 +42,7 @@ _state = threading.local()
 
 def active() -> bool:
     """True while a fused model's forward runs with the rebuild hooks installed."""
-    if torch.compiler.is_compiling():
-        return False
-    return getattr(_state, "depth", 0) > 0
+    return getattr(_state, "depth", 0) > 0 and not torch.compiler.is_compiling()
 
 
 #: Longest chain of recipes built on recipes (see :func:`mark_rebuildable`). A post-activation
@@ -66,10 +64,13 @@ class Recipe:
     lets go. While the original tensor is still alive (and unchanged) it is returned as is.
     """
 
-    __slots__ = ("fn", "args", "shape", "stride", "depth", "version", "_orig", "_value", "__weakref__")
+    __slots__ = ("fn", "args", "slots", "shape", "stride", "depth", "version", "_orig", "_value",
+                 "__weakref__")
 
-    def __init__(self, fn, args, root: torch.Tensor, depth: int):
-        self.fn, self.args, self.depth = fn, args, depth
+    def __init__(self, fn, args, slots, root: torch.Tensor, depth: int):
+        # args: fn's arguments with each captured input in place (a _Kept or _Rebuild);
+        # slots: the positions of those, or None when they may be nested in tuples / lists
+        self.fn, self.args, self.slots, self.depth = fn, args, slots, depth
         self.shape, self.stride = tuple(root.shape), root.stride()
         self.version = root._version
         self._orig = weakref.ref(root)
@@ -81,9 +82,18 @@ class Recipe:
         orig = self._orig()
         if orig is not None and orig._version == self.version:
             return orig.detach()
-        with torch.no_grad():
-            root = self.fn(*_materialize_all(self.args))
-        if tuple(root.shape) != self.shape or root.stride() != self.stride:
+        if self.slots is None:
+            args = _materialize_all(self.args)
+        else:
+            args = list(self.args)
+            for i in self.slots:
+                args[i] = args[i].get()
+        if torch.is_grad_enabled():  # backward runs without grad mode: no context to enter then
+            with torch.no_grad():
+                root = self.fn(*args)
+        else:
+            root = self.fn(*args)
+        if root.stride() != self.stride or tuple(root.shape) != self.shape:
             raise RuntimeError(
                 f"fastcnn: rebuilt activation has shape {tuple(root.shape)} / strides {root.stride()}, "
                 f"expected {self.shape} / {self.stride}")
@@ -180,14 +190,19 @@ def _materialize_all(args) -> list:
     return [type(a)(_materialize_all(a)) if isinstance(a, (tuple, list)) else materialize(a) for a in args]
 
 
-def mark_rebuildable(y: torch.Tensor, fn: Callable[..., torch.Tensor], *args) -> bool:
+def mark_rebuildable(y: torch.Tensor, fn: Callable[..., torch.Tensor], *args, inputs=None) -> bool:
     """Declare that ``fn(*args)`` recomputes ``y`` exactly (same values, shape and strides).
 
-    Tensor arguments (also inside tuples and lists) are captured with :func:`capture` -- as their own recipes where they
-    have one -- and materialised only when ``y`` is rebuilt, so a recipe never keeps alive a
-    tensor that is itself rebuildable. ``fn`` runs under ``torch.no_grad()``; it must be
-    deterministic (the same kernel on the same inputs), so gradients are bitwise identical
-    with and without rebuilds. ``y`` must be the tensor that owns its storage (not a view).
+    Tensor arguments (also inside tuples and lists) are captured with :func:`capture` -- as
+    their own recipes where they have one -- and materialised only when ``y`` is rebuilt, so a
+    recipe never keeps alive a tensor that is itself rebuildable. ``inputs``, a tuple of
+    positions in ``args``, narrows that to the arguments that can be rebuildable activations
+    (the fused ops pass it: their weights and batch statistics are held as they are, which
+    saves the capture's cost on every layer in training; such a tensor changed in place
+    before backward is caught by autograd's own check of the op that saved it). ``fn`` runs
+    under ``torch.no_grad()``; it must be deterministic (the same kernel on the same inputs),
+    so gradients are bitwise identical with and without rebuilds. ``y`` must be the tensor
+    that owns its storage (not a view).
 
     No-op (returns False) when the hooks are inactive, or when the recipe would chain more
     than :data:`MAX_DEPTH` recipes (``y`` is then kept, and starts a new chain). Call it only
@@ -197,11 +212,21 @@ def mark_rebuildable(y: torch.Tensor, fn: Callable[..., torch.Tensor], *args) ->
         return False
     if y._base is not None:
         raise ValueError("mark_rebuildable needs the tensor that owns the storage, not a view")
-    captured, depth = _capture_all(args)
+    if inputs is None:
+        captured, depth = _capture_all(args)
+        slots = None
+    else:
+        captured, depth, slots = list(args), 0, []
+        for i in inputs:
+            a = args[i]
+            if a is not None:
+                c = captured[i] = _recipe_of(a) or _Kept(a)
+                depth = max(depth, c.depth)
+                slots.append(i)
     depth += 1
     if depth > MAX_DEPTH:
         return False
-    setattr(y, _ATTR, Recipe(fn, captured, y, depth))
+    setattr(y, _ATTR, Recipe(fn, captured, slots, y, depth))
     return True
 
 
@@ -217,7 +242,7 @@ def cat(tensors, dim: int = 1) -> torch.Tensor:
         return tensors[0]
     y = torch.cat(tensors, dim)
     if active() and torch.is_grad_enabled() and y.requires_grad:
-        mark_rebuildable(y, _cat, dim, *tensors)
+        mark_rebuildable(y, _cat, dim, *tensors, inputs=tuple(range(1, len(tensors) + 1)))
     return y
 
 
@@ -243,21 +268,29 @@ def _unpack(packed):
     return packed.get()
 
 
+def _push() -> None:
+    # torch.autograd.graph.saved_tensors_hooks without its context-manager object: this runs
+    # on every forward of a fused model in training
+    torch._C._autograd._push_saved_tensors_default_hooks(_pack, _unpack)
+    _state.depth = getattr(_state, "depth", 0) + 1
+
+
+def _pop() -> None:
+    _state.depth -= 1
+    torch._C._autograd._pop_saved_tensors_default_hooks()
+
+
 class rebuild_saved_activations:
     """Context manager: inside it, saved tensors marked with :func:`mark_rebuildable` are kept
     as recipes. Re-entrant; the models' forward hooks use it."""
 
-    def __init__(self):
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
-
     def __enter__(self):
-        self._hooks.__enter__()
-        _state.depth = getattr(_state, "depth", 0) + 1
+        _push()
         return self
 
     def __exit__(self, *exc):
-        _state.depth -= 1
-        return self._hooks.__exit__(*exc)
+        _pop()
+        return False
 
 
 _HANDLES = "_fastcnn_rebuild_hooks"
@@ -265,18 +298,16 @@ _HANDLES = "_fastcnn_rebuild_hooks"
 
 def _enter_hook(_module, _args):
     # nothing is saved for backward without grad mode (inference, evaluation): no hooks then
-    ctx = (None if not torch.is_grad_enabled() or torch.compiler.is_compiling()
-           else rebuild_saved_activations())
-    if ctx is not None:
-        ctx.__enter__()
-    _contexts().append(ctx)
+    hooked = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if hooked:
+        _push()
+    _contexts().append(hooked)
 
 
 def _leave_hook(_module, _args, _output):
     stack = _contexts()
-    ctx = stack.pop() if stack else None
-    if ctx is not None:
-        ctx.__exit__(None, None, None)
+    if stack and stack.pop():
+        _pop()
 
 
 def _contexts() -> list:

@@ -246,13 +246,20 @@ IMPLEMENTED_OPS = _load()
 
 
 # --------------------------------------------------------------------------- public ops
+# The rebuilds run in every fused model's backward: they call the op overloads directly
+# (``.default``), which skips the overload resolution of ``torch.ops.fastcnn.<op>(...)``.
 def _rebuild_scale_shift_act(x, scale, shift, residual, act, act_param):
-    return torch.ops.fastcnn.scale_shift_act(x, scale, shift, residual, act, act_param)
+    return torch.ops.fastcnn.scale_shift_act.default(x, scale, shift, residual, act, act_param)
 
 
 def _rebuild_bn_act(x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param):
-    with torch.no_grad():
-        return torch.ops.fastcnn.bn_act_apply(x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param)
+    return torch.ops.fastcnn.bn_act_apply.default(x, bn_weight, bn_bias, residual, mean, var, eps, act,
+                                                  act_param)
+
+
+#: positions of the activations among a rebuild's arguments (fastcnn.recompute captures only those)
+_X_AND_RESIDUAL = (0, 3)
+_X_AND_RESIDUAL_SE = (0, 5)
 
 
 def _mark_rebuildable_bn(y, x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param):
@@ -261,14 +268,15 @@ def _mark_rebuildable_bn(y, x, bn_weight, bn_bias, residual, mean, var, eps, act
     vectors) gives ``y`` again bit for bit -- the same coefficients and elementwise kernel --
     in one elementwise pass, without a second statistics pass; nothing extra is computed in
     forward. ``x`` and ``residual`` are held as their own recipes where they have one (a
-    DenseNet concatenation, a ResNet block input), the BN weight and bias as tensors checked
-    against in-place changes."""
-    mark_rebuildable(y, _rebuild_bn_act, x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param)
+    DenseNet concatenation, a ResNet block input), the BN weight, bias and statistics as they
+    are (the op's own backward keeps them too)."""
+    mark_rebuildable(y, _rebuild_bn_act, x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param,
+                     inputs=_X_AND_RESIDUAL)
 
 
 def _rebuild_se(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param):
-    return torch.ops.fastcnn.se_block_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                              residual, act, act_param)[0]
+    return torch.ops.fastcnn.se_block_forward.default(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                                      residual, act, act_param)[0]
 
 
 def _pair(v):
@@ -340,7 +348,8 @@ def conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act=
                                               _pair(dilation), groups, act, act_param)
     if z.numel() and y.requires_grad and _rebuild_active():
         # the op keeps z = conv(x) (silu, gelu); consumers of y keep a recipe (fastcnn.recompute)
-        mark_rebuildable(y, _rebuild_scale_shift_act, z, None, bias, residual, act, act_param)
+        mark_rebuildable(y, _rebuild_scale_shift_act, z, None, bias, residual, act, act_param,
+                         inputs=_X_AND_RESIDUAL)
     return y
 
 
@@ -354,7 +363,8 @@ def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, ac
     if y.requires_grad and _rebuild_active():
         # the block output (consumed by the next block's conv and shortcut) is rebuilt from x
         # and the residual -- both recipes themselves in a fused SE-ResNeXt
-        mark_rebuildable(y, _rebuild_se, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param)
+        mark_rebuildable(y, _rebuild_se, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param,
+                         inputs=_X_AND_RESIDUAL_SE)
     return y
 
 
