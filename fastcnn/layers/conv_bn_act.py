@@ -66,7 +66,8 @@ _CHECKS = {"conv_bn_act": ops.check_conv_bn_act, "bn_act": ops.check_bn_act,
 
 
 def _cast(t, dtype):
-    return None if t is None or t.dtype == dtype else t.to(dtype)
+    """``t`` in ``dtype`` (None stays None; a tensor already in ``dtype`` is returned as is)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 class _Fusable(nn.Module):
