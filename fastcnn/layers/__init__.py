@@ -5,14 +5,12 @@ from .. import recompute
 
 from .activations import create_act, fused_act_name, list_activations, FUSED_ACTIVATIONS
 from .conv_bn_act import BnAct, BnActConv, ConvAct, ConvBnAct
-from .pool import MaxPool2d
+from .pool import GlobalAvgPool2d, MaxPool2d
 from .squeeze_excite import SqueezeExcite
 from .weight_init import init_he
 
 #: layers with a fused kernel path (each has an activation ``act``)
 FUSABLE_LAYERS = (ConvBnAct, BnAct, BnActConv, ConvAct, SqueezeExcite)
-#: every layer that ``set_fused`` switches: the fusable ones and the index-free max-pool
-SWITCHED_LAYERS = FUSABLE_LAYERS + (MaxPool2d,)
 
 
 def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
@@ -20,12 +18,16 @@ def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
     Parameters and buffers are untouched, so the state_dict stays the same. Fused, the
     model's forward also keeps BN+activation outputs as recipes rather than tensors for
     backward (:mod:`fastcnn.recompute`): one saved activation per conv layer; its max-pools
-    recompute their indices in backward instead of keeping them."""
+    recompute their indices in backward instead of keeping them.
+
+    Switched is every module whose class declares ``fused: bool`` (the fusable layers, the
+    pools of :mod:`fastcnn.layers.pool`, and model parts with a fused path of their own, such
+    as ResNet's option-A shortcut)."""
     for m in model.modules():
-        if isinstance(m, SWITCHED_LAYERS):
+        if isinstance(getattr(type(m), "fused", None), bool):
             m.fused = bool(fused)
     return recompute.enable(model) if fused else recompute.disable(model)
 
 
 __all__ = ["create_act", "fused_act_name", "list_activations", "FUSED_ACTIVATIONS", "ConvBnAct",
-           "BnAct", "BnActConv", "ConvAct", "SqueezeExcite", "MaxPool2d", "set_fused", "FUSABLE_LAYERS", "init_he"]
+           "BnAct", "BnActConv", "ConvAct", "SqueezeExcite", "MaxPool2d", "GlobalAvgPool2d", "set_fused", "FUSABLE_LAYERS", "init_he"]

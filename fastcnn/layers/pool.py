@@ -1,4 +1,8 @@
-"""Max-pooling that keeps no indices for backward in fused models.
+"""Pooling layers with a leaner backward in fused models.
+
+* :class:`MaxPool2d` keeps no indices for backward (below).
+* :class:`GlobalAvgPool2d` gives its input gradient in the input's memory format.
+
 
 ``nn.MaxPool2d`` in training saves its input and an int64 index per output element: for a
 2x2 pool, half as many bytes as its fp32 input again. In a fused model the input is usually a
@@ -6,6 +10,11 @@ rebuildable BN+activation output (:mod:`fastcnn.recompute`), kept as a recipe, s
 are most of what the pool costs. Fused, this pool saves only its input and recomputes the
 indices in backward with the same ``max_pool2d_with_indices`` op eager PyTorch uses, so the
 gradient is routed identically (ties included). Unfused, it is ``nn.MaxPool2d``.
+
+``nn.AdaptiveAvgPool2d(1)`` backward (``mean``'s: an expanded gradient divided by H*W) hands the
+last layer an NCHW gradient even when the model runs channels_last; the fused kernels read
+their gradient in their input's layout, so that gradient was copied once more (a full pass
+over the last feature map). Fused, :class:`GlobalAvgPool2d` writes it channels_last directly.
 """
 from __future__ import annotations
 
@@ -44,3 +53,37 @@ class MaxPool2d(nn.MaxPool2d):
             return super().forward(x)
         return _MaxPoolRecomputeIndices.apply(x, self.kernel_size, self.stride, self.padding, self.dilation,
                                               self.ceil_mode)
+
+
+def suggested_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when ``x`` is laid out so (and not also plain contiguous), else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class _GlobalAvgPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape, ctx.format = x.shape, suggested_format(x)
+        return x.mean(dim=(2, 3), keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, c, h, w = ctx.shape
+        return (grad / (h * w)).expand(n, c, h, w).contiguous(memory_format=ctx.format)
+
+
+class GlobalAvgPool2d(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d(1)``; with ``fused=True`` its input gradient comes in the input's
+    memory format (one pass) instead of NCHW (which the next kernel had to copy)."""
+
+    fused: bool = False
+
+    def __init__(self):
+        super().__init__(1)
+
+    def forward(self, x):
+        if not self.fused or not (torch.is_grad_enabled() and x.requires_grad) or x.dim() != 4:
+            return super().forward(x)
+        return _GlobalAvgPool.apply(x)

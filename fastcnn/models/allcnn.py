@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers import ConvAct
+from ..layers import ConvAct, GlobalAvgPool2d
 from ..layers.weight_init import init_he
 from ..registry import register_model
 
@@ -33,7 +33,7 @@ class AllCNNC(nn.Module):
             ConvAct(192, 192, 1, act=act),
             ConvAct(192, num_classes, 1, act=act),
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool2d()
         init_he(self, mode="fan_in")
 
     def forward(self, x):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import recompute
-from ..layers import BnAct, BnActConv
+from ..layers import BnAct, BnActConv, GlobalAvgPool2d
 from ..registry import register_model
 from ..layers.weight_init import init_he
 
@@ -67,7 +67,7 @@ class DenseNetBC(nn.Module):
                 chs = out
         self.features = nn.Sequential(*stages)
         self.final = BnAct(chs, act=act)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool2d()
         self.fc = nn.Linear(chs, num_classes)
         init_he(self)
         nn.init.zeros_(self.fc.bias)

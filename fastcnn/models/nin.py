@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers import MaxPool2d, ConvBnAct
+from ..layers import MaxPool2d, ConvBnAct, GlobalAvgPool2d
 from ..layers.weight_init import init_he
 from ..registry import register_model
 
@@ -26,7 +26,7 @@ class NIN(nn.Module):
             MaxPool2d(3, 2, padding=1), nn.Dropout(drop_rate),
             cbr(192, 192, 3), cbr(192, 192, 1), cbr(192, num_classes, 1),
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool2d()
         init_he(self, mode="fan_in")
 
     def forward(self, x):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers import BnAct, BnActConv
+from ..layers import BnAct, BnActConv, GlobalAvgPool2d
 from ..registry import register_model
 from ..layers.weight_init import init_he
 
@@ -52,7 +52,7 @@ class PreActNet(nn.Module):
         self.stem = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False)
         self.blocks = nn.Sequential(*blocks)
         self.final = BnAct(chs, act=act)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool2d()
         self.fc = nn.Linear(chs, num_classes)
         init_he(self)
 

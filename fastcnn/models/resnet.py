@@ -11,12 +11,41 @@ from the second one and the block input's recipe (:mod:`fastcnn.recompute`).
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ConvBnAct
+from ..layers import ConvBnAct, GlobalAvgPool2d
+from ..layers.pool import suggested_format
 from ..layers.weight_init import init_he
 from ..registry import register_model
+
+
+class _ShortcutA(torch.autograd.Function):
+    """The option-A shortcut with a backward that writes the input gradient in the input's
+    memory format: autograd's own (slice and pad backward) builds it NCHW, and the block's
+    fused BN+activation backward, which reads its gradient in its input's layout, had to copy
+    it (one extra pass over a full feature map at every stage transition)."""
+
+    @staticmethod
+    def forward(ctx, x, stride: int, pad_lo: int, pad_hi: int):
+        ctx.shape, ctx.geometry, ctx.format = x.shape, (stride, pad_lo, pad_hi), suggested_format(x)
+        return _shortcut_a(x, stride, pad_lo, pad_hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        stride, pad_lo, pad_hi = ctx.geometry
+        grad_x = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.format).zero_()
+        grad_x[:, :, ::stride, ::stride] = grad[:, pad_lo:grad.shape[1] - pad_hi]
+        return grad_x, None, None, None
+
+
+def _shortcut_a(x, stride: int, pad_lo: int, pad_hi: int):
+    if stride > 1:
+        x = x[:, :, ::stride, ::stride]
+    if pad_lo or pad_hi:
+        x = F.pad(x, (0, 0, 0, 0, pad_lo, pad_hi))
+    return x
 
 
 class ShortcutA(nn.Module):
@@ -25,18 +54,20 @@ class ShortcutA(nn.Module):
     Fused, its output is kept (not marked rebuildable, though it could be): it cuts the chain
     of block-output recipes (:mod:`fastcnn.recompute`) at each stage, so the first rebuild in
     a stage's backward does not also rebuild the previous, larger stage's outputs (measured:
-    ResNet-20 step peak at batch 16 0.65x eager with the cut, 0.79x without)."""
+    ResNet-20 step peak at batch 16 0.65x eager with the cut, 0.79x without). Fused, its
+    backward also keeps the input's memory format (:class:`_ShortcutA`)."""
+
+    fused: bool = False
 
     def __init__(self, in_chs: int, out_chs: int, stride: int):
         super().__init__()
         self.stride, self.pad = stride, out_chs - in_chs
 
     def forward(self, x):
-        if self.stride > 1:
-            x = x[:, :, ::self.stride, ::self.stride]
-        if self.pad:
-            x = F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return x
+        pad_lo, pad_hi = self.pad // 2, self.pad - self.pad // 2
+        if self.fused and torch.is_grad_enabled() and x.requires_grad:
+            return _ShortcutA.apply(x, self.stride, pad_lo, pad_hi)
+        return _shortcut_a(x, self.stride, pad_lo, pad_hi)
 
 
 class BasicBlock(nn.Module):
@@ -67,7 +98,7 @@ class CifarResNet(nn.Module):
                 blocks.append(BasicBlock(chs, w, 2 if (i > 0 and j == 0) else 1, act))
                 chs = w
         self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool2d()
         self.fc = nn.Linear(chs, num_classes)
         init_he(self)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers import ConvBnAct, SqueezeExcite
+from ..layers import ConvBnAct, SqueezeExcite, GlobalAvgPool2d
 from ..registry import register_model
 from ..layers.weight_init import init_he
 
@@ -54,7 +54,7 @@ class ResNeXt29(nn.Module):
                 blocks.append(ResNeXtBottleneck(chs, out_chs, stride, cardinality, width, act, se))
                 chs = out_chs
         self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool2d()
         self.fc = nn.Linear(chs, num_classes)
         init_he(self)
 
