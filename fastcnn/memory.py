@@ -43,9 +43,11 @@ class MemoryTracker(TorchDispatchMode):
     ``with MemoryTracker() as mt:`` -- storages that ops create inside the block are counted
     until they are freed; :meth:`track` adds tensors that already exist (parameters, optimizer
     state, the input). ``mt.live`` is the bytes alive now, ``mt.peak`` the maximum so far,
-    :meth:`reset_peak` starts a new maximum. Storages are told apart by identity, so views and
-    in-place results cost nothing extra; a storage whose size changes (``resize_``) is re-read.
-    Thread-safe (backward may run on autograd's device threads).
+    :meth:`reset_peak` starts a new maximum -- and a new ``mt.timeline``: the live bytes after
+    each allocation since (the moments a peak can happen at; frees only lower the count).
+    Storages are told apart by identity, so views and in-place results cost nothing extra; a
+    storage whose size changes (``resize_``) is re-read. Thread-safe (backward may run on
+    autograd's device threads).
     """
 
     def __init__(self, device: str | torch.device | None = None):
@@ -53,6 +55,7 @@ class MemoryTracker(TorchDispatchMode):
         self.device_type = torch.device(device).type if device is not None else None
         self.live = 0
         self.peak = 0
+        self.timeline: list[int] = []
         self._sizes: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -79,6 +82,7 @@ class MemoryTracker(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         self.peak = self.live
+        self.timeline = []
 
     def _add(self, t: torch.Tensor) -> None:
         if self.device_type is not None and t.device.type != self.device_type:
@@ -97,6 +101,7 @@ class MemoryTracker(TorchDispatchMode):
                 self.live += nbytes - known
             else:
                 return
+            self.timeline.append(self.live)
             if self.live > self.peak:
                 self.peak = self.live
 
@@ -118,12 +123,15 @@ class StepMemory:
     the step (gradients are set to None between steps); ``after_forward``: bytes alive after
     the forward beyond ``static`` and the input (what backward needs, the loss included);
     ``peak``: the most bytes alive at any moment of forward + backward + optimizer step,
-    ``static`` and the input included (comparable with ``torch.cuda.max_memory_allocated``)."""
+    ``static`` and the input included (comparable with ``torch.cuda.max_memory_allocated``);
+    ``timeline``: the live bytes after each allocation of the step (:class:`MemoryTracker`), in
+    order, from which :func:`fit_steps` predicts the peak at other batch sizes."""
 
     static: int
     after_forward: int
     peak: int
     batch: int
+    timeline: tuple[int, ...] = ()
 
     @property
     def retained_per_image(self) -> float:
@@ -163,7 +171,8 @@ def measure_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         peak = mt.peak
-    return StepMemory(static=static, after_forward=after_forward, peak=peak, batch=x.shape[0])
+    return StepMemory(static=static, after_forward=after_forward, peak=peak, batch=x.shape[0],
+                      timeline=tuple(mt.timeline))
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -194,23 +203,62 @@ def compare_models(names, batch: int = 4, backend: str = "auto", device: str = "
 
 @dataclasses.dataclass
 class PeakModel:
-    """Peak bytes of a training step as a line in the batch size, ``fixed + per_image *
-    batch``, fitted through two measured batches. Activations, their gradients and the
-    temporaries of a step all grow linearly with the batch; parameters, gradients and
-    optimizer state do not: so two small measured batches predict a large one (checked by
-    tests/test_memory.py against a direct measurement)."""
+    """Peak bytes of a training step as a function of the batch size: the highest of the step's
+    moments, each a line in the batch, ``lines[i] = (fixed_i, per_image_i)``.
 
-    fixed: float
-    per_image: float
+    Why moments and not one line through two peaks: every tensor alive at a given moment of
+    the step (after its k-th allocation) is either batch-sized (activations, their gradients,
+    temporaries) or not (parameters, gradients, optimizer state), so the bytes alive at that
+    moment are exactly linear in the batch; but which moment is the highest changes with the
+    batch (a weight-gradient moment late in backward at small batches, an activation moment
+    early in backward at large ones), so a line through the peaks of two small batches
+    underestimated the peak of a large one (by 3-7% for the eager zoo at batch 128). The
+    maximum of the moments' lines is exact for any batch, provided the step allocates the same
+    sequence of tensors at both measured batches (:func:`fit_steps` checks it and otherwise
+    falls back to one line through the two peaks)."""
+
+    lines: tuple[tuple[float, float], ...]
+
+    @classmethod
+    def line(cls, fixed: float, per_image: float) -> "PeakModel":
+        return cls(((fixed, per_image),))
+
+    @property
+    def fixed(self) -> float:
+        """The peak's batch-independent part: the prediction at batch 0."""
+        return max(a for a, _ in self.lines)
+
+    @property
+    def per_image(self) -> float:
+        """What each further image adds to the peak at large batches (the steepest moment)."""
+        return max(c for _, c in self.lines)
 
     def peak(self, batch: int) -> float:
-        return self.fixed + self.per_image * batch
+        return max(a + c * batch for a, c in self.lines)
 
     def largest_batch(self, budget: float) -> int:
         """The largest batch whose predicted peak fits ``budget`` (0 if none does)."""
         if self.per_image <= 0:
             raise ValueError("a peak that does not grow with the batch cannot be extrapolated")
-        return max(0, int((budget - self.fixed) // self.per_image))
+        best = None
+        for a, c in self.lines:
+            if c > 0:
+                fit = (budget - a) // c
+                best = fit if best is None else min(best, fit)
+            elif a > budget:
+                return 0
+        return max(0, int(best))
+
+
+def _upper_lines(lines) -> tuple[tuple[float, float], ...]:
+    """The lines that can be the highest at some batch >= 0: none whose fixed part and slope
+    are both at most another's (a step has tens of thousands of moments, a handful remain)."""
+    kept, best_fixed = [], float("-inf")
+    for a, c in sorted(lines, key=lambda ac: (-ac[1], -ac[0])):
+        if a > best_fixed:
+            kept.append((a, c))
+            best_fixed = a
+    return tuple(kept)
 
 
 def probe_batch(batch: int, input_size, num_classes: int, device="cpu", channels_last: bool = False):
@@ -222,35 +270,42 @@ def probe_batch(batch: int, input_size, num_classes: int, device="cpu", channels
     return x, torch.randint(0, num_classes, (batch,), generator=gen).to(device)
 
 
-def fit_line(peak_at, probes: tuple[int, int] = (8, 16), min_per_image: float | None = None) -> PeakModel:
-    """:class:`PeakModel` through ``peak_at(batch)`` measured at the two ``probes`` batches
-    (the slope floored at ``min_per_image`` if given)."""
-    (b1, b2), p1 = probes, peak_at(probes[0])
-    per_image = (peak_at(b2) - p1) / (b2 - b1)
-    if min_per_image is not None:
-        per_image = max(min_per_image, per_image)
-    return PeakModel(fixed=p1 - per_image * b1, per_image=per_image)
+def fit_steps(step_at, probes: tuple[int, int] = (8, 16), min_per_image: float | None = None) -> PeakModel:
+    """:class:`PeakModel` from two steps ``step_at(batch) -> StepMemory`` measured at the two
+    ``probes`` batches: one line per moment of the step when both allocated the same sequence
+    of tensors, else one line through the two peaks. Slopes are floored at ``min_per_image``
+    if given."""
+    (b1, b2) = probes
+    s1, s2 = step_at(b1), step_at(b2)
+    floor = float("-inf") if min_per_image is None else min_per_image
+    if s1.timeline and len(s1.timeline) == len(s2.timeline):
+        pairs = zip(s1.timeline, s2.timeline)
+    else:
+        pairs = [(s1.peak, s2.peak)]
+    lines = []
+    for p1, p2 in pairs:
+        per_image = max(floor, (p2 - p1) / (b2 - b1))
+        lines.append((p1 - per_image * b1, per_image))
+    return PeakModel(_upper_lines(lines))
 
 
 def fit_peak(name: str, fused: bool, backend: str = "auto", device: str = "cpu",
              amp_dtype: torch.dtype | None = None, probes: tuple[int, int] = (8, 16)) -> PeakModel:
-    """Measure a training step of zoo model ``name`` at the two ``probes`` batch sizes and
-    fit :class:`PeakModel` through them. Batches 8 and 16 predict ResNet-20's peak at batch
-    128 to 0.1% (2 and 4 underestimate it by 7-13%: the smallest batches do not yet show
-    the temporaries of the step's worst moment at their full share)."""
+    """Measure a training step of zoo model ``name`` at the two ``probes`` batch sizes and fit
+    :class:`PeakModel` through their moments."""
     from .backend import use_backend
     from .registry import create_model, model_info
 
     info = model_info(name)
 
-    def peak_at(batch):
+    def step_at(batch):
         x, y = probe_batch(batch, info.input_size, info.num_classes, device)
         torch.manual_seed(0)
         model = create_model(name, fused=fused).to(device)
         with use_backend(backend):
-            return measure_step(model, x, y, amp_dtype=amp_dtype).peak
+            return measure_step(model, x, y, amp_dtype=amp_dtype)
 
-    return fit_line(peak_at, probes)
+    return fit_steps(step_at, probes)
 
 
 #: What a GPU's own memory holds that the allocator does not report: the CUDA context
@@ -373,22 +428,22 @@ def print_fit_table(names, batch: int, budget: int, backend: str = "auto", devic
     fp32 and bf16, and the largest batch whose peak fits ``budget - MARGIN``."""
     usable = budget - MARGIN
     print(f"predicted peak of a training step at batch {batch} (SGD-momentum; parameters, gradients, "
-          f"optimizer state, activations and temporaries), fitted through measured steps at batch 8 and 16 "
-          f"on {device}; fits: peak <= {budget / MiB:,.0f} MiB - {MARGIN / MiB:,.0f} MiB margin "
-          f"(CUDA context, library workspaces)")
-    print(f"| model | fp32 eager | fp32 fused | bf16 eager | bf16 fused | bf16 fused / eager | "
+          f"optimizer state, activations and temporaries): the highest moment of the step, each moment "
+          f"extrapolated from steps measured at batch 8 and 16 on {device}; fits: peak <= "
+          f"{budget / MiB:,.0f} MiB - {MARGIN / MiB:,.0f} MiB margin (CUDA context, library workspaces)")
+    print(f"| model | fp32 eager | fp32 fused | fp32 fused / eager | bf16 eager | bf16 fused | bf16 fused / eager | "
           f"largest batch in {budget / 1e9:g} GB: bf16 eager / fused |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in names:
         fits = {(dt, fused): fit_peak(name, fused, backend, device, AMP_DTYPES[dt])
                 for dt in ("fp32", "bf16") for fused in (False, True)}
         cells = []
-        for key in (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)):
-            peak = fits[key].peak(batch)
-            cells.append(f"{peak / MiB:,.0f} MiB" + ("" if peak <= usable else " (over)"))
-        ratio = fits[("bf16", True)].peak(batch) / fits[("bf16", False)].peak(batch)
+        for dt in ("fp32", "bf16"):
+            peaks = [fits[(dt, fused)].peak(batch) for fused in (False, True)]
+            cells += [f"{peak / MiB:,.0f} MiB" + ("" if peak <= usable else " (over)") for peak in peaks]
+            cells.append(f"{peaks[1] / peaks[0]:.2f}")
         largest = " / ".join(str(fits[("bf16", f)].largest_batch(usable)) for f in (False, True))
-        print(f"| `{name}` | " + " | ".join(cells) + f" | {ratio:.2f} | {largest} |", flush=True)
+        print(f"| `{name}` | " + " | ".join(cells) + f" | {largest} |", flush=True)
 
 
 if __name__ == "__main__":

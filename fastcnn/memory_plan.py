@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .memory import MiB, PeakModel, fit_line, measure_step, probe_batch
+from .memory import MiB, PeakModel, fit_steps, measure_step, probe_batch
 
 _BN = nn.modules.batchnorm._BatchNorm
 _WRAPPED = "_fastcnn_checkpointed"
@@ -113,17 +113,18 @@ def fit(model: nn.Module, make_optimizer, input_size, num_classes: int, device, 
         recompute: bool = False, probes=(8, 16), channels_last: bool = False) -> PeakModel:
     """Fit the peak of a steady-state training step (optimizer state created by a first,
     unmeasured step) of a copy of ``model`` and a fresh optimizer made by
-    ``make_optimizer(model)``, as a line in the batch size, on ``device``."""
-    def peak_at(batch):
+    ``make_optimizer(model)``, as a function of the batch size (:class:`fastcnn.memory.PeakModel`),
+    on ``device``."""
+    def step_at(batch):
         probe = copy.deepcopy(model).train()
         if recompute:
             enable_recomputation(probe)
         x, y = probe_batch(batch, input_size, num_classes, device, channels_last)
         opt = make_optimizer(probe)
         measure_step(probe, x, y, opt, amp_dtype)
-        return measure_step(probe, x, y, opt, amp_dtype).peak
+        return measure_step(probe, x, y, opt, amp_dtype)
 
-    return fit_line(peak_at, probes, min_per_image=1.0)
+    return fit_steps(step_at, probes, min_per_image=1.0)
 
 
 def plan(model: nn.Module, make_optimizer, batch: int, budget: int, input_size, num_classes: int,
@@ -151,7 +152,7 @@ def plan(model: nn.Module, make_optimizer, batch: int, budget: int, input_size, 
             return MemoryPlan(False, k, plain.peak(micro), budget)
         if recomputed is not None and recomputed.peak(micro) <= usable:
             return MemoryPlan(True, k, recomputed.peak(micro), budget)
-    best = min(plain.fixed + plain.per_image, recomputed.peak(1) if recomputed else float("inf"))
+    best = min(plain.peak(1), recomputed.peak(1) if recomputed else float("inf"))
     raise BudgetError(f"the memory budget ({budget / MiB:,.0f} MiB, {usable / MiB:,.0f} MiB usable) cannot "
                       f"hold a training step: even one image at a time with block recomputation needs "
                       f"about {best / MiB:,.0f} MiB (parameters, gradients and optimizer state alone: "

@@ -285,6 +285,41 @@ def test_gpu_captured_step_bf16():
     _gpu_compare("resnet20", True, "sgd", torch.bfloat16)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_gpu_plain_optimizer_is_fused_and_makes_no_step_temporaries(optimizer):
+    """On CUDA the recipe's optimizer is the fused implementation (train.FUSED_ON_CUDA): the
+    same update as torch's default one, and its step with weight decay allocates no copy of
+    the parameters (the foreach implementation's weight-decay add does)."""
+    from fastcnn.memory import MemoryTracker
+    from fastcnn.train import FUSED_ON_CUDA
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 10)).cuda()
+    twin = copy.deepcopy(model)
+    rec = get_recipe("resnet20").replace(optimizer=optimizer, lr=0.05, weight_decay=5e-4)
+    opt = build_optimizer(model, rec, False)
+    assert all(g["fused"] for g in opt.param_groups) and FUSED_ON_CUDA[optimizer] == {"fused": True}
+    ref = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer](
+        twin.parameters(), lr=0.05, weight_decay=5e-4, **({"momentum": rec.momentum} if optimizer == "sgd" else {}))
+    x = torch.randn(8, 256, device="cuda")
+    for m, o in ((model, opt), (twin, ref)):
+        for _ in range(2):
+            m(x).square().mean().backward()
+            if m is model and o.state:
+                with MemoryTracker("cuda") as mt:
+                    mt.track(m, o)
+                    mt.reset_peak()
+                    o.step()
+                params = sum(p.numel() * p.element_size() for p in m.parameters())
+                assert mt.peak - mt.live < params // 2, (mt.peak - mt.live, params)
+            else:
+                o.step()
+            o.zero_grad(set_to_none=True)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def cifar_dir(tmp_path_factory):
     from test_train import prepared_cifar10

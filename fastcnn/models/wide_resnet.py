@@ -34,11 +34,13 @@ class WideBasic(nn.Module):
 
     def forward(self, x):
         if self.project:
-            x = self.preact(x)
-            shortcut = self.shortcut(x)
+            h = self.preact(x)
+            shortcut = self.shortcut(h)
+            out = self.conv1(h)
+            del h  # from here only the convolutions' saved copies (recipes, fused) need it
         else:
             shortcut = x
-        out = self.conv1(x)
+            out = self.conv1(x)
         if self.drop_rate > 0 and self.training:
             # BN-ReLU half of conv2 (BnAct.forward reads the same bn/act/fused attributes),
             # dropout, then the convolution and the residual add.

@@ -306,7 +306,11 @@ def _traced_bn_act(x, bn_weight, bn_bias, running_mean, running_var, training, m
 def _traced_conv_act(x, weight, bias, residual, stride, padding, dilation, groups, act, act_param):
     if act == "identity":
         z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        return z if residual is None else z + residual
+        if residual is None:
+            return z
+        # in place when it changes nothing but memory (the convolution does not keep its output
+        # for backward): z and the sum are then never alive together
+        return z.add_(residual) if residual.dtype == z.dtype and residual.shape == z.shape else z + residual
     z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
     return torch.ops.fastcnn.scale_shift_act(z, None, bias, residual, act, act_param)
 
