@@ -9,7 +9,11 @@ than eager's conv+BN+ReLU makes the fused model slower however fast its kernels 
 (host-overhead issue): fused <= 1.0x eager for every layer, training and eval.
 
 Layers: ConvBnAct (with and without a residual), BnAct, BnActConv, ConvAct and the SE block
-(``SqueezeExcite`` with residual and ReLU), as the zoo uses them. Modes: ``train`` (forward +
+(``SqueezeExcite`` with residual and ReLU), as the zoo uses them; and ``<layer> x8``, a stack
+of eight of them in an ``nn.Sequential`` with the time given per layer: that is how a model
+runs them, and where fusion's memory saving costs host time -- each layer's output is kept
+as a recipe and rebuilt in backward (:mod:`fastcnn.recompute`), which a lone layer, whose
+output nothing inside it consumes, never does. Modes: ``train`` (forward +
 backward, batch statistics) and ``eval`` (forward, no grad). Variants: ``eager`` (the same
 module with ``fused=False``) and ``fused-<backend>`` for every backend built for the device
 (on CPU the Triton interpreter is not timed). On CPU the benchmark runs on one thread (host
@@ -29,6 +33,7 @@ import time
 
 import pytest
 import torch
+from torch import nn
 
 import fastcnn
 from bench import harness
@@ -37,13 +42,17 @@ from fastcnn.layers.squeeze_excite import SqueezeExcite
 
 N, C, H, W = 2, 8, 4, 4
 CALLS_PER_ROUND = 20
-LAYERS = {
-    "ConvBnAct": (lambda: ConvBnAct(C, C), False),
-    "ConvBnAct+residual": (lambda: ConvBnAct(C, C), True),
-    "BnAct": (lambda: BnAct(C), False),
-    "BnActConv": (lambda: BnActConv(C, C), False),
-    "ConvAct": (lambda: ConvAct(C, C), False),
-    "SE+residual": (lambda: SqueezeExcite(C, reduction=4, out_act="relu"), True),
+STACK = 8
+LAYERS = {  # name: (module factory, with a residual argument, layers per call)
+    "ConvBnAct": (lambda: ConvBnAct(C, C), False, 1),
+    "ConvBnAct+residual": (lambda: ConvBnAct(C, C), True, 1),
+    "BnAct": (lambda: BnAct(C), False, 1),
+    "BnActConv": (lambda: BnActConv(C, C), False, 1),
+    "ConvAct": (lambda: ConvAct(C, C), False, 1),
+    "SE+residual": (lambda: SqueezeExcite(C, reduction=4, out_act="relu"), True, 1),
+    f"ConvBnAct x{STACK}": (lambda: nn.Sequential(*[ConvBnAct(C, C) for _ in range(STACK)]), False, STACK),
+    f"BnAct x{STACK}": (lambda: nn.Sequential(*[BnAct(C) for _ in range(STACK)]), False, STACK),
+    f"BnActConv x{STACK}": (lambda: nn.Sequential(*[BnActConv(C, C) for _ in range(STACK)]), False, STACK),
 }
 MODES = ["train", "eval"]
 
@@ -65,7 +74,7 @@ def one_thread():
 
 def _rounds(layer, mode, fused):
     """A function running one round (CALLS_PER_ROUND calls) of ``layer`` in ``mode``."""
-    make, with_residual = LAYERS[layer]
+    make, with_residual, _ = LAYERS[layer]
     torch.manual_seed(0)
     module = set_fused(make(), fused).to(harness.DEVICE).train(mode == "train")
     x = torch.randn(N, C, H, W, device=harness.DEVICE).contiguous(memory_format=torch.channels_last)
@@ -116,10 +125,11 @@ def test_host_overhead(benchmark, one_thread, layer, mode, variant):
         eager_times.clear()
         benchmark.pedantic(rounds, setup=time_eager, rounds=30 if harness.CUDA else 20, iterations=1,
                            warmup_rounds=1)
-    per_call = benchmark.stats.stats.median / CALLS_PER_ROUND
+    per_layer = LAYERS[layer][2]
+    per_call = benchmark.stats.stats.median / CALLS_PER_ROUND / per_layer
     benchmark.extra_info.update(harness.environment())
     benchmark.extra_info.update(layer=layer, mode=mode, variant=variant, shape=f"{N}x{C}x{H}x{W}",
-                                per_call_us=per_call * 1e6, calls_per_round=CALLS_PER_ROUND,
+                                per_call_us=per_call * 1e6, calls_per_round=CALLS_PER_ROUND, layers_per_call=per_layer,
                                 timer=timer.__name__)
     if eager_times:
-        benchmark.extra_info["eager_per_call_us"] = statistics.median(eager_times) / CALLS_PER_ROUND * 1e6
+        benchmark.extra_info["eager_per_call_us"] = statistics.median(eager_times) / CALLS_PER_ROUND / per_layer * 1e6

@@ -244,7 +244,9 @@ def host_table(results):
         out.append(f"#### {device}\n")
         side = any("eager_per_call_us" in r for r in group)
         out.append(f"Measured: {stamp(group)}; tensors {group[0]['shape']}, time per layer call "
-                   f"(median of rounds of 20 calls; clock: {group[0].get('timer', 'perf_counter')}). "
+                   f"(median of rounds of 20 calls; clock: {group[0].get('timer', 'perf_counter')}); "
+                   "\"x8\" rows: a stack of 8 such layers in an nn.Sequential, time per layer, where each "
+                   "fused output is kept as a recipe and rebuilt in backward. "
                    + ("Ratios: each fused variant against eager timed side by side in the same test. " if side else "")
                    + "Target: fused / eager <= 1.00. Command: "
                    + "; ".join(f"`{c}`" for c in commands(group)) + "\n")
