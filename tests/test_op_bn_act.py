@@ -184,6 +184,49 @@ def test_bn_act_apply_rebuilds_forward_bit_for_bit(layout, dtype, act, act_param
     assert torch.equal(again, y)
 
 
+@pytest.mark.extension
+@pytest.mark.parametrize("training", (True, False), ids=("train", "eval"))
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+def test_bn_act_layer_direct_and_dispatched_agree(layout, training):
+    """The composite runs the primitive's code directly for real tensors (running statistics
+    passed to the kernels) and through the dispatcher under a dispatch mode (what fake and
+    functional tracing see): the same bits either way, and the same as the primitives."""
+    pytest.importorskip("fastcnn._C", reason="the extension fastcnn._C is not built")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    x = make((3, 6, 5, 7), layout, torch.bfloat16, scale=2.0, offset=0.5)
+    r = make((3, 6, 5, 7), layout, torch.bfloat16)
+    w, b = torch.rand(6) + 0.5, torch.randn(6)
+    stats = torch.randn(6), torch.rand(6) + 0.5
+    outs = []
+    for mode in (None, Passthrough()):
+        rm, rv = stats[0].clone(), stats[1].clone()
+        if mode is None:
+            y, mean, var = torch.ops.fastcnn.bn_act(x, w, b, rm, rv, r, training, 0.3, 1e-5, "silu", 0.0)
+        else:
+            with mode:
+                y, mean, var = torch.ops.fastcnn.bn_act(x, w, b, rm, rv, r, training, 0.3, 1e-5, "silu", 0.0)
+        outs.append((y, mean, var, rm, rv))
+    for a, b_ in zip(*outs):
+        assert torch.equal(a, b_)
+    assert ("fastcnn.bn_act_forward" if training else "fastcnn.bn_act_apply") in Passthrough.seen
+    y, mean, var, rm, rv = outs[0]
+    if training:
+        ref = torch.ops.fastcnn.bn_act_forward(x, w, b, r, 1e-5, "silu", 0.0)
+        assert all(torch.equal(p, q) for p, q in zip(ref, (y, mean, var)))
+        assert not torch.equal(rm, stats[0]) and not torch.equal(rv, stats[1])
+    else:
+        assert torch.equal(y, torch.ops.fastcnn.bn_act_apply(x, w, b, r, *stats, 1e-5, "silu", 0.0))
+        assert torch.equal(rm, stats[0]) and torch.equal(rv, stats[1])
+
+
 # =========================================================================== GPU
 
 # Triton: the zoo's BN+activation shapes (n, c, h, w), channels_last, relu, training, residual

@@ -76,33 +76,78 @@ FASTCNN_DECLARE_CHANNEL_ACT(cpu)
 FASTCNN_DECLARE_CHANNEL_ACT(cuda)
 #endif
 
+// BatchNorm's parameters for the fused BN passes: weight and bias of any floating dtype and
+// stride (read as fp32 in the kernels, never cast or copied), and eps.
+struct BnParams {
+  const at::Tensor& weight;
+  const at::Tensor& bias;
+  double eps;
+};
+
+// The running statistics a training forward updates in place, nn.BatchNorm2d's way
+// (running += momentum * (batch - running), the variance unbiased); none when either is
+// undefined or momentum is 0.
+struct BnRunning {
+  at::Tensor mean, var;
+  double momentum = 0.0;
+};
+
+#ifdef WITH_CUDA
+// The fused BatchNorm passes (CUDA; per-channel geometry, B == 1). Every per-channel step --
+// the fp64 combine, mean/var, the coefficients, the running statistics, the backward's alpha,
+// beta and parameter gradients -- runs in the finalize kernel of its reduction, so that each
+// is a fixed, small number of launches (listed in csrc/channel_act/cuda/channel_act_kernel.cu).
+namespace cuda {
+// y = act(BN(x) (+ r)) with the batch statistics, written into mean and var (fp32 [P])
+void bn_forward(const at::Tensor& x, const at::Tensor& r, at::Tensor& y, const BnParams& bn, at::Tensor& mean,
+                at::Tensor& var, const BnRunning& running, Geom g, Act act, float act_param);
+// gx (and gr = dz when defined); grad_weight / grad_bias in their own dtypes
+void bn_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& r, const BnParams& bn,
+                 const at::Tensor& mean, const at::Tensor& var, at::Tensor& gx, at::Tensor& gr,
+                 at::Tensor& grad_weight, at::Tensor& grad_bias, Geom g, Act act, float act_param);
+// y = act(BN(x) (+ r)) from given fp32 statistics: bn_forward's y bit for bit from its own
+// mean and var (the same coefficient code), in one launch
+void bn_apply(const at::Tensor& x, const at::Tensor& r, at::Tensor& y, const BnParams& bn, const at::Tensor& mean,
+              const at::Tensor& var, Geom g, Act act, float act_param);
+}  // namespace cuda
+#endif
+
 // One device's kernels as a type, so that op code written once (a template over `K`, calling
 // K::slot_mean_var etc.) is instantiated per device by that device's registration file:
 // ChannelAct<c10::DeviceType::CPU> forwards to cpu::*, ChannelAct<c10::DeviceType::CUDA> (CUDA
-// builds only) to cuda::*. No run-time device branch: the dispatcher picks the instantiation.
+// builds only) to cuda::*, which also has the fused BatchNorm passes (kFusedBn). No run-time
+// device branch: the dispatcher picks the instantiation.
 template <c10::DeviceType D>
 struct ChannelAct;
 
-#define FASTCNN_CHANNEL_ACT_KERNELS(device, ns)                                                \
-  template <>                                                                                 \
-  struct ChannelAct<device> {                                                                 \
-    template <class... A>                                                                     \
-    static decltype(auto) slot_mean_var(A&&... a) { return ns::slot_mean_var(std::forward<A>(a)...); } \
-    template <class... A>                                                                     \
-    static decltype(auto) act_forward(A&&... a) { return ns::act_forward(std::forward<A>(a)...); } \
-    template <class... A>                                                                     \
-    static decltype(auto) act_backward_reduce(A&&... a) {                                     \
-      return ns::act_backward_reduce(std::forward<A>(a)...);                                  \
-    }                                                                                         \
-    template <class... A>                                                                     \
-    static decltype(auto) act_backward_apply(A&&... a) {                                      \
-      return ns::act_backward_apply(std::forward<A>(a)...);                                   \
-    }                                                                                         \
-  };
+// a static member forwarding to ns::fn
+#define FASTCNN_KERNEL_FN(ns, fn)                                                             \
+  template <class... A>                                                                       \
+  static decltype(auto) fn(A&&... a) {                                                        \
+    return ns::fn(std::forward<A>(a)...);                                                     \
+  }
 
-FASTCNN_CHANNEL_ACT_KERNELS(c10::DeviceType::CPU, cpu)
+#define FASTCNN_CHANNEL_ACT_KERNELS(ns)                                                       \
+  FASTCNN_KERNEL_FN(ns, slot_mean_var)                                                        \
+  FASTCNN_KERNEL_FN(ns, act_forward)                                                          \
+  FASTCNN_KERNEL_FN(ns, act_backward_reduce)                                                  \
+  FASTCNN_KERNEL_FN(ns, act_backward_apply)
+
+template <>
+struct ChannelAct<c10::DeviceType::CPU> {
+  static constexpr bool kFusedBn = false;
+  FASTCNN_CHANNEL_ACT_KERNELS(cpu)
+};
+
 #ifdef WITH_CUDA
-FASTCNN_CHANNEL_ACT_KERNELS(c10::DeviceType::CUDA, cuda)
+template <>
+struct ChannelAct<c10::DeviceType::CUDA> {
+  static constexpr bool kFusedBn = true;
+  FASTCNN_CHANNEL_ACT_KERNELS(cuda)
+  FASTCNN_KERNEL_FN(cuda, bn_forward)
+  FASTCNN_KERNEL_FN(cuda, bn_backward)
+  FASTCNN_KERNEL_FN(cuda, bn_apply)
+};
 #endif
 
 }  // namespace fastcnn

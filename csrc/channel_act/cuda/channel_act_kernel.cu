@@ -1,13 +1,45 @@
-// CUDA implementation of the per-channel affine + activation primitives (see
-// csrc/channel_act/channel_act.h). Elementwise passes: grid-stride loops over 16-byte packs (4 fp32 or
-// 8 fp16/bf16 values) when the layout and alignment allow, grid sized from the SM count.
-// Reductions: per-slot partial sums with warp-shuffle block reductions, split across blocks
-// so the grid fills the GPU, then one small kernel combining the partials in fp64. All math
-// in fp32; every launch on the current stream and checked.
+// CUDA implementation of the per-channel affine + activation primitives and of the fused
+// BatchNorm + activation passes (see csrc/channel_act/channel_act.h).
+//
+// Kernels:
+//   * elementwise passes (act_forward_kernel, act_backward_apply_kernel): grid-stride loops
+//     over 16-byte packs (4 fp32 or 8 fp16/bf16 values) when the layout and alignment allow,
+//     grid sized from the SM count;
+//   * reductions (reduce_plane_kernel for I > 1, reduce_rows_kernel for I == 1): per-slot
+//     partial sums of a pair of values, split across blocks so that the grid fills the GPU,
+//     written as fp32 partials [splits, P];
+//   * one finalize kernel per reduction (finalize_kernel with an epilogue): combines the
+//     partials in fp64 and computes everything per slot that follows from the sums -- the
+//     moments, BatchNorm's coefficients, the running-statistics update, the backward's alpha,
+//     beta and parameter gradients -- so that no chain of small ATen ops runs between passes.
+// All math in fp32 (fp64 for the combine); every launch on the current stream and checked.
+//
+// BatchNorm's coefficients (scale = weight / sqrt(var + eps), shift = bias - mean * scale) are
+// computed by one device function, bn_coef_of, in explicitly rounded fp32 intrinsics: every
+// kernel that computes them (the forward's finalize, the backward's reduction and finalize,
+// the rebuild's prologue) gets the same bits from the same fp32 mean and var, so a rebuilt
+// activation equals the forward's bit for bit.
+//
+// Launches per op (CUDA, B == 1 BatchNorm geometry; a layout or dtype conversion of an input,
+// when one is needed, adds its copy):
+//   bn_forward   (bn_act_forward; the bn_act layer in training, running statistics included)
+//                3: statistics partials, finalize (mean, var, scale/shift, running stats), apply
+//   bn_backward  (bn_act_backward)   3: dz partials, finalize (alpha, beta, grad_weight,
+//                grad_bias, scale/shift), apply
+//   bn_apply     (bn_act_apply: a rebuilt activation; the bn_act layer in eval)
+//                1: the apply kernel computes the coefficients from the saved statistics in a
+//                shared-memory prologue (2 -- a coefficient kernel, then the apply -- above
+//                kCoefSmemSlots channels)
+//   slot_mean_var 2, act_backward_reduce 2, act_forward 1, act_backward_apply 1.
+// Against eager cuDNN BatchNorm2d + ReLU: forward BN (1-2) + ReLU (1), backward
+// threshold_backward (1) + BN backward (1-2), about 4-8 with the num_batches_tracked add that
+// both sides share; fused: 6 (tests/test_cuda_bn_act_launches.py counts them).
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include "channel_act/channel_act.h"
 
@@ -16,6 +48,9 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// rebuild (bn_apply): channels whose coefficients its prologue keeps in shared memory (16 KiB:
+// four 256-thread blocks still fit an sm_75 SM's 64 KiB)
+constexpr int64_t kCoefSmemSlots = 2048;
 
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
@@ -71,11 +106,98 @@ __device__ __forceinline__ int64_t slot_of(int64_t e, const Dims& d) {
   return (e / (d.O * d.G)) * d.G + e % d.G;
 }
 
+// the first element of slot s (the pilot of the shifted sums); 0 for an empty slot
+template <typename T>
+__device__ __forceinline__ float slot_pilot(const T* x, const Dims& d, int64_t s) {
+  if (d.O * d.I == 0) return 0.f;
+  return static_cast<float>(x[((s / d.G) * d.O * d.G + s % d.G) * d.I]);
+}
+
+// ------------------------------------------------------------------ BatchNorm parameters
+// A per-channel vector of any floating dtype and stride (BN weight and bias, running
+// statistics, parameter gradients), read and written as fp32: the kernels take the module's
+// own tensors, no casts or copies.
+struct ParamVec {
+  void* p = nullptr;
+  int64_t stride = 1;
+  int kind = 0;  // 0 fp32, 1 fp16, 2 bf16, 3 fp64
+  __device__ float get(int64_t i) const {
+    const int64_t j = i * stride;
+    switch (kind) {
+      case 1: return static_cast<float>(static_cast<const c10::Half*>(p)[j]);
+      case 2: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[j]);
+      case 3: return static_cast<float>(static_cast<const double*>(p)[j]);
+      default: return static_cast<const float*>(p)[j];
+    }
+  }
+  __device__ void set(int64_t i, float v) const {
+    const int64_t j = i * stride;
+    switch (kind) {
+      case 1: static_cast<c10::Half*>(p)[j] = c10::Half(v); break;
+      case 2: static_cast<c10::BFloat16*>(p)[j] = c10::BFloat16(v); break;
+      case 3: static_cast<double*>(p)[j] = static_cast<double>(v); break;
+      default: static_cast<float*>(p)[j] = v;
+    }
+  }
+};
+
+ParamVec param_vec(const at::Tensor& t, const char* name) {
+  int kind;
+  switch (t.scalar_type()) {
+    case at::kFloat: kind = 0; break;
+    case at::kHalf: kind = 1; break;
+    case at::kBFloat16: kind = 2; break;
+    case at::kDouble: kind = 3; break;
+    default: TORCH_CHECK_TYPE(false, "fastcnn: ", name, " must be float32, float16, bfloat16 or float64, got ",
+                              t.scalar_type());
+  }
+  TORCH_CHECK_VALUE(t.is_cuda() && t.dim() == 1, "fastcnn: ", name, " must be a 1-D CUDA tensor");
+  return {t.data_ptr(), t.stride(0), kind};
+}
+
+struct Coef {
+  float invstd, scale, shift;
+};
+
+// BatchNorm's coefficients, identical bits wherever computed (explicitly rounded intrinsics:
+// no contraction into FMA, no fast-math approximation)
+__device__ __forceinline__ Coef bn_coef_of(float w, float b, float mean, float var, float eps) {
+  const float invstd = __frsqrt_rn(__fadd_rn(var, eps));
+  const float scale = __fmul_rn(w, invstd);
+  return {invstd, scale, __fmaf_rn(-mean, scale, b)};
+}
+
+// weight, bias and the fp32 statistics of the slots (B == 1: slot = channel)
+struct BnSrc {
+  ParamVec w, b;
+  const float* mean = nullptr;
+  const float* var = nullptr;
+  float eps = 0.f;
+  __device__ Coef at(int64_t s) const { return bn_coef_of(w.get(s), b.get(s), mean[s], var[s], eps); }
+};
+
+BnSrc bn_src(const BnParams& bn, const at::Tensor& mean, const at::Tensor& var) {
+  return {param_vec(bn.weight, "bn weight"), param_vec(bn.bias, "bn bias"),
+          mean.defined() ? mean.const_data_ptr<float>() : nullptr,
+          var.defined() ? var.const_data_ptr<float>() : nullptr, static_cast<float>(bn.eps)};
+}
+
 // ------------------------------------------------------------------ elementwise passes
+// scale/shift per slot from global arrays, or (scale == nullptr) computed by the block's
+// prologue from `bn` into dynamic shared memory (P * sizeof(float2) bytes)
 template <typename T, int ACT, bool RES, int V>
 __global__ void act_forward_kernel(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ y,
-                                   const float* __restrict__ scale, const float* __restrict__ shift,
+                                   const float* __restrict__ scale, const float* __restrict__ shift, BnSrc bn,
                                    Dims d, int64_t n, float p) {
+  extern __shared__ float2 coef_sh[];
+  const bool from_bn = scale == nullptr;  // uniform over the grid
+  if (from_bn) {
+    for (int64_t s = threadIdx.x; s < d.B * d.G; s += blockDim.x) {
+      const Coef k = bn.at(s);
+      coef_sh[s] = make_float2(k.scale, k.shift);
+    }
+    __syncthreads();
+  }
   const int64_t nvec = n / V;
   for (int64_t v = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; v < nvec; v += (int64_t)gridDim.x * blockDim.x) {
     const int64_t e = v * V;
@@ -86,7 +208,16 @@ __global__ void act_forward_kernel(const T* __restrict__ x, const T* __restrict_
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const int64_t s = d.I > 1 ? s0 : s0 + k;  // a pack never straddles slots (I > 1) or rows
-      float z = fmaf(xv[k], __ldg(scale + s), __ldg(shift + s));
+      float sc, sh;
+      if (from_bn) {
+        const float2 c = coef_sh[s];
+        sc = c.x;
+        sh = c.y;
+      } else {
+        sc = __ldg(scale + s);
+        sh = __ldg(shift + s);
+      }
+      float z = fmaf(xv[k], sc, sh);
       if (RES) z += rv[k];
       out[k] = apply_act<ACT>(z, p);
     }
@@ -123,6 +254,15 @@ __global__ void act_backward_apply_kernel(const T* __restrict__ gy, const T* __r
   }
 }
 
+// (scale, shift) of BatchNorm into coef [2, P] (the rebuild above kCoefSmemSlots channels)
+__global__ void bn_coef_kernel(BnSrc bn, int64_t P, float* __restrict__ coef) {
+  for (int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; s < P; s += (int64_t)gridDim.x * blockDim.x) {
+    const Coef k = bn.at(s);
+    coef[s] = k.scale;
+    coef[P + s] = k.shift;
+  }
+}
+
 // ------------------------------------------------------------------ reductions
 // A reduction functor: per-slot parameters loaded once, then a pair of values per element.
 template <typename T>
@@ -130,10 +270,7 @@ struct MomentsOp {  // (x - K, (x - K)^2), K = the slot's first element
   const T* x;
   Dims d;
   struct P { float k; };
-  __device__ P load(int64_t s) const {
-    const int64_t b = s / d.G, g = s % d.G;
-    return {static_cast<float>(x[(b * d.O * d.G + g) * d.I])};
-  }
+  __device__ P load(int64_t s) const { return {slot_pilot(x, d, s)}; }
   __device__ void pair(const P& q, float xv, float, float, float& a, float& b) const {
     const float t = xv - q.k;
     a += t;
@@ -141,12 +278,21 @@ struct MomentsOp {  // (x - K, (x - K)^2), K = the slot's first element
   }
 };
 
+// (dz, dz * (x - center)), dz = gy * act'(x * scale + shift (+ r)); the per-slot scale, shift
+// and center from arrays, or (scale == nullptr) BatchNorm's coefficients and mean from `bn`
 template <int ACT, bool RES>
-struct DzOp {  // (dz, dz * (x - center)), dz = gy * act'(x * scale + shift (+ r))
+struct DzOp {
   const float *scale, *shift, *center;
+  BnSrc bn;
   float p;
   struct P { float s, t, c; };
-  __device__ P load(int64_t s) const { return {__ldg(scale + s), __ldg(shift + s), __ldg(center + s)}; }
+  __device__ P load(int64_t s) const {
+    if (scale == nullptr) {
+      const Coef k = bn.at(s);
+      return {k.scale, k.shift, bn.mean[s]};
+    }
+    return {__ldg(scale + s), __ldg(shift + s), __ldg(center + s)};
+  }
   __device__ void pair(const P& q, float xv, float gv, float rv, float& a, float& b) const {
     float z = fmaf(xv, q.s, q.t);
     if (RES) z += rv;
@@ -181,19 +327,27 @@ __global__ void reduce_plane_kernel(const T* __restrict__ x, const T* __restrict
   if (threadIdx.x == 0) partial[(int64_t)split * d.B * d.G + s] = make_float2(a, c);
 }
 
-// I == 1: rows of G slots; threadIdx.x covers V consecutive slots, threadIdx.y strides rows.
-constexpr int kRowsY = 8;
+// I == 1: rows of G slots (channels_last). The block's 256 threads cover a tile of L * V
+// slots of each row: lane l of a warp reads the V slots of pack column l % L in row l / L, so
+// a warp reads 32 / L rows at once and every lane loads even when G is small (G = 16 fp32:
+// L = 4, eight rows per warp). The rows stride by 256 / L; the L-lane groups of a warp
+// combine by shuffle, the warps through shared memory.
+constexpr int kRowThreads = 256;
 template <typename T, int V, typename Op>
-__global__ void reduce_rows_kernel(const T* __restrict__ x, const T* __restrict__ gy, const T* __restrict__ r,
-                                   Op op, Dims d, int splits, float2* __restrict__ partial) {
-  __shared__ float2 sh[kRowsY][32 * V];
-  const int64_t g0 = ((int64_t)blockIdx.x * 32 + threadIdx.x) * V;
+__global__ void __launch_bounds__(kRowThreads)
+    reduce_rows_kernel(const T* __restrict__ x, const T* __restrict__ gy, const T* __restrict__ r, Op op,
+                       Dims d, int L, int splits, float2* __restrict__ partial) {
+  constexpr int kWarps = kRowThreads / 32;
+  __shared__ float2 sh[kWarps][32 * V];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int col = lane & (L - 1);  // L: a power of two, 1..32
+  const int64_t g0 = ((int64_t)blockIdx.x * L + col) * V;
   const int split = blockIdx.y;
   const int64_t b = blockIdx.z;
-  const bool active = g0 < d.G;
+  const bool active = g0 < d.G;  // G % V == 0: the whole pack is in the row
   const int64_t o0 = d.O * split / splits, o1 = d.O * (split + 1) / splits;
   float a[V], c[V];
-  typename Op::P q[V];
+  typename Op::P q[V] = {};
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     a[k] = 0.f;
@@ -201,7 +355,7 @@ __global__ void reduce_rows_kernel(const T* __restrict__ x, const T* __restrict_
     if (active) q[k] = op.load(b * d.G + g0 + k);
   }
   if (active) {
-    for (int64_t o = o0 + threadIdx.y; o < o1; o += kRowsY) {
+    for (int64_t o = o0 + threadIdx.x / L; o < o1; o += kRowThreads / L) {
       const int64_t e = (b * d.O + o) * d.G + g0;
       float xv[V], gv[V], rv[V];
       load_pack<T, V>(x + e, xv);
@@ -211,27 +365,36 @@ __global__ void reduce_rows_kernel(const T* __restrict__ x, const T* __restrict_
       for (int k = 0; k < V; ++k) op.pair(q[k], xv[k], gy ? gv[k] : 0.f, r ? rv[k] : 0.f, a[k], c[k]);
     }
   }
-#pragma unroll
-  for (int k = 0; k < V; ++k) sh[threadIdx.y][threadIdx.x * V + k] = make_float2(a[k], c[k]);
-  __syncthreads();
-  if (threadIdx.y == 0 && active) {
+  // lanes of one column differ in the bits >= L of the lane index (all lanes take part)
+  for (int off = 16; off >= L; off >>= 1) {
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      float2 t = sh[0][threadIdx.x * V + k];
-      for (int y = 1; y < kRowsY; ++y) {
-        t.x += sh[y][threadIdx.x * V + k].x;
-        t.y += sh[y][threadIdx.x * V + k].y;
-      }
-      partial[(int64_t)split * d.B * d.G + b * d.G + g0 + k] = t;
+      a[k] += __shfl_xor_sync(0xffffffffu, a[k], off);
+      c[k] += __shfl_xor_sync(0xffffffffu, c[k], off);
     }
+  }
+  if (lane < L) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) sh[warp][lane * V + k] = make_float2(a[k], c[k]);
+  }
+  __syncthreads();
+  // L * V <= 32 * V <= kRowThreads entries: one per thread
+  const int t = threadIdx.x;
+  const int64_t gs = (int64_t)blockIdx.x * L * V + t;
+  if (t < L * V && gs < d.G) {
+    float2 sum = sh[0][t];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) {
+      sum.x += sh[w][t].x;
+      sum.y += sh[w][t].y;
+    }
+    partial[(int64_t)split * d.B * d.G + b * d.G + gs] = sum;
   }
 }
 
-// partials [splits, P] -> fp64 sums; moments: (mean, var) using the pilot K; else the sums
-template <typename T>
-__global__ void combine_kernel(const float2* __restrict__ partial, int splits, int64_t P, const T* x,
-                               Dims d, bool moments, double count, float* __restrict__ out_a,
-                               float* __restrict__ out_b) {
+// partials [splits, P] -> fp64 sums per slot, handed to the epilogue
+template <typename Epi>
+__global__ void finalize_kernel(const float2* __restrict__ partial, int splits, int64_t P, Epi epi) {
   for (int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; s < P; s += (int64_t)gridDim.x * blockDim.x) {
     double a = 0.0, b = 0.0;
     for (int k = 0; k < splits; ++k) {
@@ -239,18 +402,77 @@ __global__ void combine_kernel(const float2* __restrict__ partial, int splits, i
       a += t.x;
       b += t.y;
     }
-    if (moments) {
-      const int64_t bb = s / d.G, g = s % d.G;
-      const double kk = static_cast<float>(x[(bb * d.O * d.G + g) * d.I]);
-      const double m = a / count;
-      out_a[s] = static_cast<float>(kk + m);
-      out_b[s] = static_cast<float>(fmax(b / count - m * m, 0.0));
-    } else {
-      out_a[s] = static_cast<float>(a);
-      out_b[s] = static_cast<float>(b);
-    }
+    epi(s, a, b);
   }
 }
+
+// the shifted sums of MomentsOp -> mean and biased variance, fp32 as stored
+template <typename T>
+__device__ __forceinline__ void moments_of(const T* x, const Dims& d, int64_t s, double a, double b, double count,
+                                           float& mean, float& var) {
+  const double m = a / count;
+  mean = static_cast<float>(static_cast<double>(slot_pilot(x, d, s)) + m);
+  var = static_cast<float>(fmax(b / count - m * m, 0.0));
+}
+
+template <typename T>
+struct MomentsEpi {  // slot_mean_var
+  const T* x;
+  Dims d;
+  double count;
+  float *mean, *var;
+  __device__ void operator()(int64_t s, double a, double b) const { moments_of(x, d, s, a, b, count, mean[s], var[s]); }
+};
+
+struct SumsEpi {  // act_backward_reduce: the sums themselves
+  float *out_a, *out_b;
+  __device__ void operator()(int64_t s, double a, double b) const {
+    out_a[s] = static_cast<float>(a);
+    out_b[s] = static_cast<float>(b);
+  }
+};
+
+template <typename T>
+struct BnForwardEpi {  // bn_forward: statistics, coefficients, running statistics
+  const T* x;
+  Dims d;
+  double count;
+  BnSrc bn;  // weight, bias, eps (its mean/var: the outputs below)
+  float *mean, *var, *scale, *shift;
+  ParamVec run_mean, run_var;  // p == nullptr: no update
+  float momentum, unbias;
+  __device__ void operator()(int64_t s, double a, double b) const {
+    float m, v;
+    moments_of(x, d, s, a, b, count, m, v);
+    mean[s] = m;
+    var[s] = v;
+    const Coef k = bn_coef_of(bn.w.get(s), bn.b.get(s), m, v, bn.eps);  // as BnSrc::at on the stored m, v
+    scale[s] = k.scale;
+    shift[s] = k.shift;
+    if (run_mean.p != nullptr) {  // nn.BatchNorm2d: running += momentum * (batch - running), var unbiased
+      const float rm = run_mean.get(s), rv = run_var.get(s);
+      run_mean.set(s, rm + momentum * (m - rm));
+      run_var.set(s, rv + momentum * (v * unbias - rv));
+    }
+  }
+};
+
+struct BnBackwardEpi {  // bn_backward: sums (dz, dz * (x - mean)) -> apply coefficients, grads
+  BnSrc bn;
+  double count;
+  float *scale, *shift, *alpha, *beta;
+  ParamVec grad_w, grad_b;
+  __device__ void operator()(int64_t s, double a, double b) const {
+    const Coef k = bn.at(s);
+    const double sc = k.scale, is = k.invstd;
+    scale[s] = k.scale;
+    shift[s] = k.shift;
+    alpha[s] = static_cast<float>(-sc * is * is * b / count);
+    beta[s] = static_cast<float>(-sc * a / count);
+    grad_w.set(s, static_cast<float>(b * is));
+    grad_b.set(s, static_cast<float>(a));
+  }
+};
 
 template <typename T>
 constexpr int pack_width() { return 16 / sizeof(T); }
@@ -260,9 +482,9 @@ bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_
 // whether packs of V elements stay within one slot run (I > 1) or one row (I == 1)
 bool packable(const Dims& d, int V) { return (d.I > 1 ? d.I : d.G) % V == 0; }
 
-int elementwise_blocks(int64_t work) {
+int grid_for(int64_t work, int per_sm) {
   const int64_t want = (work + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, (int64_t)sm_count() * 8)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, (int64_t)sm_count() * per_sm)));
 }
 
 template <typename F>
@@ -270,103 +492,179 @@ void bool_dispatch(bool b, F&& f) {
   if (b) f(std::true_type{}); else f(std::false_type{});
 }
 
+// f(act_c, res_c, v_c): the activation, whether there is a residual and the pack width
+// (pack_width<T>() when vec, else 1) as compile-time constants (::value)
+template <typename T, typename F>
+void dispatch_elementwise(Act act, bool res, bool vec, F&& f) {
+  FASTCNN_DISPATCH_ACT(act, [&] {
+    bool_dispatch(res, [&](auto res_c) {
+      bool_dispatch(vec, [&](auto v_c) {
+        f(std::integral_constant<int, ACT>{}, res_c,
+          std::integral_constant<int, decltype(v_c)::value ? pack_width<T>() : 1>{});
+      });
+    });
+  });
+}
+
 Dims dims(const Geom& g) { return {g.B, g.O, g.G, g.I}; }
 
-// Runs `op` over the slots and returns fp32 [2, P]: sums, or (mean, var) when moments.
+// The fp32 partial sums [splits, P] of a reduction.
+struct Partials {
+  at::Tensor buf;
+  int splits = 1;
+  const float2* ptr() const { return reinterpret_cast<const float2*>(buf.const_data_ptr<float>()); }
+};
+
+// Runs `op` over the slots (P > 0): one launch.
 template <typename T, typename Op>
-at::Tensor reduce(const at::Tensor& x, const T* xp, const T* gp, const T* rp, Op op, const Geom& geom,
-                  bool moments) {
+Partials reduce_partials(const at::Tensor& x, const T* xp, const T* gp, const T* rp, Op op, const Geom& geom) {
   const Dims d = dims(geom);
   const int64_t P = geom.slots();
   auto stream = at::cuda::getCurrentCUDAStream();
   constexpr int VW = pack_width<T>();
   const bool vec = packable(d, VW) && aligned16(xp) && aligned16(gp) && aligned16(rp);
-  const int target = sm_count() * 4;
-  int splits;
-  at::Tensor partial;
+  const int64_t target = (int64_t)sm_count() * 4;
+  Partials pt;
   auto launch = [&](auto v_c) {
     constexpr int V = decltype(v_c)::value ? VW : 1;
     if (d.I > 1) {
-      splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(d.O, (target + P - 1) / P)));
-      partial = at::empty({splits, P, 2}, x.options().dtype(at::kFloat));
-      const int64_t work = (d.O / splits + 1) * d.I / V;
+      pt.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(d.O, (target + P - 1) / P)));
+      pt.buf = at::empty({pt.splits, P, 2}, x.options().dtype(at::kFloat));
+      const int64_t work = (d.O / pt.splits + 1) * d.I / V;
       const int threads = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, (work + 31) / 32 * 32)));
-      reduce_plane_kernel<T, V, Op><<<dim3(P, splits), threads, 0, stream>>>(
-          xp, gp, rp, op, d, splits, reinterpret_cast<float2*>(partial.data_ptr<float>()));
+      reduce_plane_kernel<T, V, Op><<<dim3(P, pt.splits), threads, 0, stream>>>(
+          xp, gp, rp, op, d, pt.splits, reinterpret_cast<float2*>(pt.buf.data_ptr<float>()));
     } else {
-      const int64_t gtiles = (d.G + 32 * V - 1) / (32 * V);
-      splits = static_cast<int>(std::max<int64_t>(
-          1, std::min<int64_t>((d.O + kRowsY - 1) / kRowsY, (target + gtiles * d.B - 1) / (gtiles * d.B))));
-      partial = at::empty({splits, P, 2}, x.options().dtype(at::kFloat));
-      reduce_rows_kernel<T, V, Op><<<dim3(gtiles, splits, d.B), dim3(32, kRowsY), 0, stream>>>(
-          xp, gp, rp, op, d, splits, reinterpret_cast<float2*>(partial.data_ptr<float>()));
+      // L lanes per row tile: the pack columns of a row, rounded up to a power of two, at most 32
+      const int64_t cols = (d.G + V - 1) / V;
+      int L = 1;
+      while (L < 32 && L < cols) L *= 2;
+      const int64_t gtiles = (cols + L - 1) / L, rows_per_block = kRowThreads / L;
+      pt.splits = static_cast<int>(std::max<int64_t>(
+          1, std::min<int64_t>((d.O + rows_per_block - 1) / rows_per_block,
+                               (target + gtiles * d.B - 1) / (gtiles * d.B))));
+      pt.buf = at::empty({pt.splits, P, 2}, x.options().dtype(at::kFloat));
+      reduce_rows_kernel<T, V, Op><<<dim3(gtiles, pt.splits, d.B), kRowThreads, 0, stream>>>(
+          xp, gp, rp, op, d, L, pt.splits, reinterpret_cast<float2*>(pt.buf.data_ptr<float>()));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   bool_dispatch(vec, launch);
-  auto out = at::empty({2, P}, x.options().dtype(at::kFloat));
-  const int blocks = static_cast<int>(std::min<int64_t>((P + kThreads - 1) / kThreads, 1024));
-  combine_kernel<T><<<blocks, kThreads, 0, stream>>>(
-      reinterpret_cast<const float2*>(partial.data_ptr<float>()), splits, P, xp, d, moments,
-      static_cast<double>(geom.per_slot()), out.data_ptr<float>(), out.data_ptr<float>() + P);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return pt;
 }
 
-const float* fptr(const at::Tensor& t) { return t.data_ptr<float>(); }
+// one launch
+template <typename Epi>
+void finalize(const Partials& pt, int64_t P, const Epi& epi) {
+  const int blocks = static_cast<int>(std::min<int64_t>((P + kThreads - 1) / kThreads, 1024));
+  finalize_kernel<Epi><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(pt.ptr(), pt.splits, P, epi);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+const float* fptr(const at::Tensor& t) { return t.const_data_ptr<float>(); }
+
+// y = act(x * scale + shift (+ r)): scale/shift arrays, or (scale == nullptr) BatchNorm's
+// coefficients from `bn`, computed in shared memory (P <= kCoefSmemSlots). One launch.
+template <typename T>
+void launch_act_forward(const T* xp, const T* rp, T* yp, const float* scale, const float* shift, const BnSrc& bn,
+                        const Geom& g, int64_t n, Act act, float act_param) {
+  if (n == 0) return;
+  constexpr int VW = pack_width<T>();
+  const Dims d = dims(g);
+  const bool vec = packable(d, VW) && aligned16(xp) && aligned16(rp) && aligned16(yp);
+  const size_t smem = scale == nullptr ? static_cast<size_t>(g.slots()) * sizeof(float2) : 0;
+  dispatch_elementwise<T>(act, rp != nullptr, vec, [&](auto act_c, auto res_c, auto v_c) {
+    constexpr int V = decltype(v_c)::value;
+    act_forward_kernel<T, decltype(act_c)::value, decltype(res_c)::value, V>
+        <<<grid_for(n / V, 8), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(xp, rp, yp, scale, shift, bn, d,
+                                                                                   n, act_param);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename T>
+void launch_act_backward_apply(const T* gp, const T* xp, const T* rp, const float* scale, const float* shift,
+                               const float* center, const float* alpha, const float* beta, T* gxp, T* grp,
+                               const Geom& g, int64_t n, Act act, float act_param) {
+  if (n == 0) return;
+  constexpr int VW = pack_width<T>();
+  const Dims d = dims(g);
+  const bool vec = packable(d, VW) && aligned16(xp) && aligned16(gp) && aligned16(rp) && aligned16(gxp) &&
+                   aligned16(grp);
+  dispatch_elementwise<T>(act, rp != nullptr, vec, [&](auto act_c, auto res_c, auto v_c) {
+    constexpr int V = decltype(v_c)::value;
+    act_backward_apply_kernel<T, decltype(act_c)::value, decltype(res_c)::value, V>
+        <<<grid_for(n / V, 8), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(gp, xp, rp, scale, shift, center,
+                                                                                alpha, beta, gxp, grp, d, n,
+                                                                                act_param);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename T>
+const T* opt_ptr(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* opt_mut_ptr(at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// the sums (dz, dz * (x - center)) of DzOp (P > 0): one launch, the finalize left to the caller
+template <typename T>
+Partials dz_partials(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& r, const float* scale,
+                     const float* shift, const float* center, const BnSrc& bn, const Geom& g, Act act,
+                     float act_param) {
+  Partials pt;
+  FASTCNN_DISPATCH_ACT(act, [&] {
+    bool_dispatch(r.defined(), [&](auto res_c) {
+      constexpr bool RES = decltype(res_c)::value;
+      pt = reduce_partials<T>(x, x.const_data_ptr<T>(), gy.const_data_ptr<T>(), opt_ptr<T>(r),
+                              DzOp<ACT, RES>{scale, shift, center, bn, act_param}, g);
+    });
+  });
+  return pt;
+}
+
+void check_bn_geom(const Geom& g) {
+  TORCH_CHECK(g.B == 1, "fastcnn: the BatchNorm kernels take the per-channel geometry (B == 1), got B = ", g.B);
+}
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> slot_mean_var(const at::Tensor& x, Geom g) {
-  at::Tensor out;
+  const int64_t P = g.slots();
+  at::Tensor mean = at::empty({P}, x.options().dtype(at::kFloat)), var = at::empty({P}, x.options().dtype(at::kFloat));
+  if (P == 0) return {mean, var};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastcnn_slot_mean_var_cuda", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    out = reduce<scalar_t>(x, xp, nullptr, nullptr, MomentsOp<scalar_t>{xp, dims(g)}, g, true);
+    const Dims d = dims(g);
+    const Partials pt = reduce_partials<scalar_t>(x, xp, nullptr, nullptr, MomentsOp<scalar_t>{xp, d}, g);
+    finalize(pt, P, MomentsEpi<scalar_t>{xp, d, static_cast<double>(g.per_slot()), mean.data_ptr<float>(),
+                                         var.data_ptr<float>()});
   });
-  return {out[0].clone(), out[1].clone()};  // separate tensors: they are op outputs
+  return {mean, var};
 }
 
 void act_forward(const at::Tensor& x, const at::Tensor& r, at::Tensor& y, const at::Tensor& scale,
                  const at::Tensor& shift, Geom g, Act act, float act_param) {
-  const int64_t n = x.numel();
-  if (n == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastcnn_act_forward_cuda", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    constexpr int VW = pack_width<scalar_t>();
-    const Dims d = dims(g);
-    const bool vec = packable(d, VW) && aligned16(xp) && aligned16(rp) && aligned16(yp);
-    auto stream = at::cuda::getCurrentCUDAStream();
-    FASTCNN_DISPATCH_ACT(act, [&] {
-      bool_dispatch(rp != nullptr, [&](auto res_c) {
-        bool_dispatch(vec, [&](auto v_c) {
-          constexpr bool RES = decltype(res_c)::value;
-          constexpr int V = decltype(v_c)::value ? VW : 1;
-          act_forward_kernel<scalar_t, ACT, RES, V><<<elementwise_blocks(n / V), kThreads, 0, stream>>>(
-              xp, rp, yp, fptr(scale), fptr(shift), d, n, act_param);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      });
-    });
+    launch_act_forward<scalar_t>(x.const_data_ptr<scalar_t>(), opt_ptr<scalar_t>(r), y.data_ptr<scalar_t>(),
+                                 fptr(scale), fptr(shift), BnSrc{}, g, x.numel(), act, act_param);
   });
 }
 
 at::Tensor act_backward_reduce(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& r,
                                const at::Tensor& scale, const at::Tensor& shift,
                                const at::Tensor& center, Geom g, Act act, float act_param) {
-  at::Tensor out;
+  const int64_t P = g.slots();
+  at::Tensor out = at::empty({2, P}, x.options().dtype(at::kFloat));
+  if (P == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastcnn_act_backward_reduce_cuda", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = gy.const_data_ptr<scalar_t>();
-    const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
-    FASTCNN_DISPATCH_ACT(act, [&] {
-      bool_dispatch(rp != nullptr, [&](auto res_c) {
-        constexpr bool RES = decltype(res_c)::value;
-        out = reduce<scalar_t>(x, xp, gp, rp, DzOp<ACT, RES>{fptr(scale), fptr(shift), fptr(center), act_param},
-                               g, false);
-      });
-    });
+    const Partials pt = dz_partials<scalar_t>(gy, x, r, fptr(scale), fptr(shift), fptr(center), BnSrc{}, g, act,
+                                              act_param);
+    finalize(pt, P, SumsEpi{out.data_ptr<float>(), out.data_ptr<float>() + P});
   });
   return out;
 }
@@ -375,31 +673,75 @@ void act_backward_apply(const at::Tensor& gy, const at::Tensor& x, const at::Ten
                         const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& center,
                         const at::Tensor& alpha, const at::Tensor& beta, at::Tensor& gx, at::Tensor& gr,
                         Geom g, Act act, float act_param) {
-  const int64_t n = x.numel();
-  if (n == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastcnn_act_backward_apply_cuda", [&] {
+    launch_act_backward_apply<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                        opt_ptr<scalar_t>(r), fptr(scale), fptr(shift), fptr(center), fptr(alpha),
+                                        fptr(beta), gx.data_ptr<scalar_t>(), opt_mut_ptr<scalar_t>(gr), g,
+                                        x.numel(), act, act_param);
+  });
+}
+
+void bn_forward(const at::Tensor& x, const at::Tensor& r, at::Tensor& y, const BnParams& bn, at::Tensor& mean,
+                at::Tensor& var, const BnRunning& running, Geom g, Act act, float act_param) {
+  check_bn_geom(g);
+  const int64_t P = g.slots();
+  if (P == 0) return;
+  const bool update = running.mean.defined() && running.var.defined() && running.momentum != 0.0;
+  const double count = static_cast<double>(g.per_slot());
+  at::Tensor coef = at::empty({2, P}, x.options().dtype(at::kFloat));  // scale, shift
+  float* cp = coef.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastcnn_bn_forward_cuda", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = gy.const_data_ptr<scalar_t>();
-    const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gxp = gx.data_ptr<scalar_t>();
-    scalar_t* grp = gr.defined() ? gr.data_ptr<scalar_t>() : nullptr;
-    constexpr int VW = pack_width<scalar_t>();
     const Dims d = dims(g);
-    const bool vec = packable(d, VW) && aligned16(xp) && aligned16(gp) && aligned16(rp) && aligned16(gxp) &&
-                     aligned16(grp);
-    auto stream = at::cuda::getCurrentCUDAStream();
-    FASTCNN_DISPATCH_ACT(act, [&] {
-      bool_dispatch(rp != nullptr, [&](auto res_c) {
-        bool_dispatch(vec, [&](auto v_c) {
-          constexpr bool RES = decltype(res_c)::value;
-          constexpr int V = decltype(v_c)::value ? VW : 1;
-          act_backward_apply_kernel<scalar_t, ACT, RES, V><<<elementwise_blocks(n / V), kThreads, 0, stream>>>(
-              gp, xp, rp, fptr(scale), fptr(shift), fptr(center), fptr(alpha), fptr(beta), gxp, grp, d, n,
-              act_param);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
-      });
-    });
+    const Partials pt = reduce_partials<scalar_t>(x, xp, nullptr, nullptr, MomentsOp<scalar_t>{xp, d}, g);
+    finalize(pt, P, BnForwardEpi<scalar_t>{
+                        xp, d, count, bn_src(bn, at::Tensor(), at::Tensor()), mean.data_ptr<float>(),
+                        var.data_ptr<float>(), cp, cp + P,
+                        update ? param_vec(running.mean, "running_mean") : ParamVec{},
+                        update ? param_vec(running.var, "running_var") : ParamVec{},
+                        static_cast<float>(running.momentum), static_cast<float>(count / (count - 1.0))});
+    launch_act_forward<scalar_t>(xp, opt_ptr<scalar_t>(r), y.data_ptr<scalar_t>(), cp, cp + P, BnSrc{}, g,
+                                 x.numel(), act, act_param);
+  });
+}
+
+void bn_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& r, const BnParams& bn,
+                 const at::Tensor& mean, const at::Tensor& var, at::Tensor& gx, at::Tensor& gr,
+                 at::Tensor& grad_weight, at::Tensor& grad_bias, Geom g, Act act, float act_param) {
+  check_bn_geom(g);
+  const int64_t P = g.slots();
+  if (P == 0) return;
+  at::Tensor coef = at::empty({4, P}, x.options().dtype(at::kFloat));  // scale, shift, alpha, beta
+  float* cp = coef.data_ptr<float>();
+  const BnSrc src = bn_src(bn, mean, var);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastcnn_bn_backward_cuda", [&] {
+    const Partials pt = dz_partials<scalar_t>(gy, x, r, nullptr, nullptr, nullptr, src, g, act, act_param);
+    finalize(pt, P, BnBackwardEpi{src, static_cast<double>(g.per_slot()), cp, cp + P, cp + 2 * P, cp + 3 * P,
+                                  param_vec(grad_weight, "grad_weight"), param_vec(grad_bias, "grad_bias")});
+    launch_act_backward_apply<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                        opt_ptr<scalar_t>(r), cp, cp + P, fptr(mean), cp + 2 * P, cp + 3 * P,
+                                        gx.data_ptr<scalar_t>(), opt_mut_ptr<scalar_t>(gr), g, x.numel(), act,
+                                        act_param);
+  });
+}
+
+void bn_apply(const at::Tensor& x, const at::Tensor& r, at::Tensor& y, const BnParams& bn, const at::Tensor& mean,
+              const at::Tensor& var, Geom g, Act act, float act_param) {
+  check_bn_geom(g);
+  const int64_t P = g.slots(), n = x.numel();
+  if (n == 0) return;
+  const BnSrc src = bn_src(bn, mean, var);
+  at::Tensor coef;
+  const float* cp = nullptr;  // null: the apply kernel's prologue computes the coefficients
+  if (P > kCoefSmemSlots) {
+    coef = at::empty({2, P}, x.options().dtype(at::kFloat));
+    bn_coef_kernel<<<grid_for(P, 4), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(src, P, coef.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cp = coef.const_data_ptr<float>();
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastcnn_bn_apply_cuda", [&] {
+    launch_act_forward<scalar_t>(x.const_data_ptr<scalar_t>(), opt_ptr<scalar_t>(r), y.data_ptr<scalar_t>(), cp,
+                                 cp == nullptr ? nullptr : cp + P, src, g, n, act, act_param);
   });
 }
 

@@ -11,8 +11,10 @@
 // extension_backend.py registers their autograd formulas and every op's fake implementation.
 // The conventions every fastcnn op follows (dtypes, memory formats, gradients of absent
 // inputs) are in csrc/fastcnn.cpp.
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <string>
 
 #include "include/common.h"
@@ -52,12 +54,61 @@ TORCH_LIBRARY_IMPL(fastcnn, Autograd, m) {
 namespace fastcnn {
 
 // ----------------------------------------------------------------------- the layer semantics
+FASTCNN_OP_HANDLE(op_bn_act_apply, "fastcnn::bn_act_apply",
+                  Tensor(const Tensor&, const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&,
+                         double, c10::string_view, double))
+
+namespace {
+
+// Whether the layer may run the primitive's code directly instead of calling it through the
+// dispatcher: real tensors, all on x's device (not fake, functional or vmap-batched
+// wrappers), and no Python dispatch mode or functorch transform active -- the cases the
+// dispatcher calls exist for (csrc/include/layer_op.h). It saves a dispatcher hop and lets
+// the training forward pass the running statistics to the kernels (the primitive's schema,
+// which the autograd and fake registrations in Python share, has none).
+bool direct_call_ok(const Tensor& x, std::initializer_list<const Tensor*> others) {
+  constexpr auto wrapped = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                                c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchBatched,
+                                                c10::DispatchKey::FuncTorchGradWrapper});
+  for (auto key : {c10::DispatchKey::Python, c10::DispatchKey::PythonDispatcher, c10::DispatchKey::PreDispatch,
+                   c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::Functionalize})
+    if (c10::impl::tls_is_dispatch_key_included(key)) return false;
+  if (!(x.is_cpu() || x.is_cuda()) || x.key_set().has_any(wrapped)) return false;
+  for (const Tensor* t : others)
+    if (t->defined() && (t->device() != x.device() || t->key_set().has_any(wrapped))) return false;
+  return true;
+}
+
+// training: (y, batch mean, batch var) with the running statistics updated
+std::tuple<Tensor, Tensor, Tensor> bn_train_layer(const Tensor& z, const Tensor& weight, const Tensor& bias,
+                                                  const OptT& running_mean, const OptT& running_var,
+                                                  const OptT& residual, double momentum, double eps,
+                                                  c10::string_view act, double act_param) {
+  const Tensor rm = or_undefined(running_mean), rv = or_undefined(running_var), r = or_undefined(residual);
+  if (direct_call_ok(z, {&weight, &bias, &rm, &rv, &r})) {
+#ifdef WITH_CUDA
+    if (z.is_cuda())
+      return bn_train_forward<c10::kCUDA>(z, weight, bias, residual, eps, act, act_param, running_mean, running_var,
+                                          momentum);
+#endif
+    if (z.is_cpu())
+      return bn_train_forward<c10::kCPU>(z, weight, bias, residual, eps, act, act_param, running_mean, running_var,
+                                         momentum);
+  }
+  auto out = op_bn_act_forward().call(z, weight, bias, residual, eps, act, act_param);
+  update_running_stats(running_mean, running_var, std::get<1>(out), std::get<2>(out), z.numel() / z.size(1),
+                       momentum);
+  return out;
+}
+
+}  // namespace
+
 BnLayerOut bn_layer_forward(const Tensor& z, const Tensor& weight, const Tensor& bias, const OptT& running_mean,
                             const OptT& running_var, const OptT& residual, bool training, double momentum,
                             double eps, c10::string_view act, double act_param) {
   if (training) {
-    auto [y, mean, var] = op_bn_act_forward().call(z, weight, bias, residual, eps, act, act_param);
-    update_running_stats(running_mean, running_var, mean, var, z.numel() / z.size(1), momentum);
+    auto [y, mean, var] =
+        bn_train_layer(z, weight, bias, running_mean, running_var, residual, momentum, eps, act, act_param);
     return {y, mean, var};
   }
   TORCH_CHECK_VALUE(running_mean.has_value() && running_var.has_value(),
@@ -67,8 +118,10 @@ BnLayerOut bn_layer_forward(const Tensor& z, const Tensor& weight, const Tensor&
   check_vector(*running_var, z.size(1), z, "running_var");
   check_vector(weight, z.size(1), z, "bn_weight");
   check_vector(bias, z.size(1), z, "bn_bias");
-  const BnCoef k = bn_coef(weight, bias, *running_mean, *running_var, eps);
-  return {op_scale_shift_act().call(z, k.scale, k.shift, residual, act, act_param), Tensor(), Tensor()};
+  // BN folded from the running statistics: bn_act_apply's coefficients (bn_coef's on the CPU; on
+  // CUDA computed inside its one kernel)
+  return {op_bn_act_apply().call(z, weight, bias, residual, *running_mean, *running_var, eps, act, act_param),
+          Tensor(), Tensor()};
 }
 
 BnLayerGrad bn_layer_backward(const Tensor& gy, const Tensor& z, const Tensor& weight, const Tensor& bias,

@@ -10,6 +10,19 @@
 // fp64 combine) and one normalise+residual+act pass. Backward: one reduction pass (sum dz,
 // sum dz*(x-mean)) and one elementwise pass; only x (and the residual) plus the fp32 mean/var
 // are needed.
+//
+// On CUDA (ChannelAct<D>::kFusedBn) the per-channel steps between the passes run in the
+// kernels (csrc/channel_act/cuda/channel_act_kernel.cu): no ATen ops, clones or casts. Kernel
+// launches per op there:
+//   bn_act_forward   3  statistics partials, finalize (mean, var, scale/shift), apply
+//   bn_act layer, training  3  the same, the finalize also updating the running statistics
+//                    (bn_train_forward, called directly for real tensors: csrc/ops/bn_act/bn_act.cpp)
+//   bn_act_backward  3  dz partials, finalize (alpha, beta, grad_weight, grad_bias), apply
+//   bn_act_apply     1  (a rebuilt activation, and the bn_act layer in eval) the apply kernel
+//                    computes the coefficients from the statistics itself (2 above 2048 channels)
+// -- 6 for a training layer's forward + backward, against eager cuDNN BatchNorm2d + ReLU's 4-8
+// (tests/test_cuda_bn_act_launches.py). On the CPU: bn_coef / bn_grad's loops between the
+// channel_act kernels, as before (results pinned by the CPU tests).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -86,29 +99,56 @@ inline BnGrad bn_grad(const BnCoef& k, const Tensor& sums, int64_t m) {
   return d;
 }
 
+// The training forward: (y, batch mean, biased batch var); with running statistics (the
+// bn_act layer) their update in place as well -- in the statistics' finalize kernel on CUDA,
+// update_running_stats on the CPU.
 template <c10::DeviceType D>
-std::tuple<Tensor, Tensor, Tensor> bn_act_forward(const Tensor& x_, const Tensor& weight,
-                                                  const Tensor& bias,
-                                                  const c10::optional<Tensor>& residual, double eps,
-                                                  c10::string_view act, double act_param) {
+std::tuple<Tensor, Tensor, Tensor> bn_train_forward(const Tensor& x_, const Tensor& weight, const Tensor& bias,
+                                                    const c10::optional<Tensor>& residual, double eps,
+                                                    c10::string_view act, double act_param,
+                                                    const OptT& running_mean, const OptT& running_var,
+                                                    double momentum) {
   check_activation(x_, "x");
   const int64_t C = x_.size(1);
   check_vector(weight, C, x_, "weight");
   check_vector(bias, C, x_, "bias");
   if (residual.has_value()) check_like(*residual, x_, "residual");
-  TORCH_CHECK_VALUE(x_.numel() / C > 1, "fastcnn: bn_act_forward needs more than one value per channel, got x of shape ",
-                    x_.sizes());
+  if (running_mean.has_value()) check_vector(*running_mean, C, x_, "running_mean");
+  if (running_var.has_value()) check_vector(*running_var, C, x_, "running_var");
+  TORCH_CHECK_VALUE(C > 0 && x_.numel() / C > 1,
+                    "fastcnn: bn_act_forward needs more than one value per channel, got x of shape ", x_.sizes());
   const Act a = parse_act(std::string(act));
   c10::OptionalDeviceGuard guard(at::device_of(x_));
   const auto fmt = kernel_format(x_);
   const Tensor x = x_.contiguous(fmt), r = in_format(residual, fmt);
   const Geom g = channel_geom(x, fmt);
-  auto [mean, var] = ChannelAct<D>::slot_mean_var(x, g);
-  const BnCoef k = bn_coef(weight, bias, mean, var, eps);
-  const Tensor &scale = k.scale, &shift = k.shift;
   Tensor y = empty_in_format(x, fmt);
-  ChannelAct<D>::act_forward(x, r, y, scale, shift, g, a, static_cast<float>(act_param));
-  return {y, mean, var};
+  if constexpr (ChannelAct<D>::kFusedBn) {
+    const auto fopts = x.options().dtype(at::kFloat);
+    Tensor mean = at::empty({C}, fopts), var = at::empty({C}, fopts);
+    const BnRunning run{or_undefined(running_mean), or_undefined(running_var), momentum};
+    ChannelAct<D>::bn_forward(x, r, y, BnParams{weight, bias, eps}, mean, var, run, g, a,
+                              static_cast<float>(act_param));
+    if (run.mean.defined() && run.var.defined() && momentum != 0.0) {
+      // written by the kernel: count the in-place update as ATen's lerp_ would
+      for (const Tensor* t : {&run.mean, &run.var})
+        if (!t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+    }
+    return {y, mean, var};
+  } else {
+    auto [mean, var] = ChannelAct<D>::slot_mean_var(x, g);
+    const BnCoef k = bn_coef(weight, bias, mean, var, eps);
+    ChannelAct<D>::act_forward(x, r, y, k.scale, k.shift, g, a, static_cast<float>(act_param));
+    update_running_stats(running_mean, running_var, mean, var, g.per_slot(), momentum);
+    return {y, mean, var};
+  }
+}
+
+template <c10::DeviceType D>
+std::tuple<Tensor, Tensor, Tensor> bn_act_forward(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                                  const c10::optional<Tensor>& residual, double eps,
+                                                  c10::string_view act, double act_param) {
+  return bn_train_forward<D>(x, weight, bias, residual, eps, act, act_param, OptT(), OptT(), 0.0);
 }
 
 // The checks bn_act_apply and bn_act_backward share: x an activation, [C] weight, bias and
@@ -135,9 +175,14 @@ Tensor bn_act_apply(const Tensor& x_, const Tensor& weight, const Tensor& bias,
   c10::OptionalDeviceGuard guard(at::device_of(x_));
   const auto fmt = kernel_format(x_);
   const Tensor x = x_.contiguous(fmt), r = in_format(residual, fmt);
-  const BnCoef k = bn_coef(weight, bias, mean_, var_, eps);
   Tensor y = empty_in_format(x, fmt);
-  ChannelAct<D>::act_forward(x, r, y, k.scale, k.shift, channel_geom(x, fmt), a, static_cast<float>(act_param));
+  if constexpr (ChannelAct<D>::kFusedBn) {
+    ChannelAct<D>::bn_apply(x, r, y, BnParams{weight, bias, eps}, f32(mean_), f32(var_), channel_geom(x, fmt), a,
+                            static_cast<float>(act_param));
+  } else {
+    const BnCoef k = bn_coef(weight, bias, mean_, var_, eps);
+    ChannelAct<D>::act_forward(x, r, y, k.scale, k.shift, channel_geom(x, fmt), a, static_cast<float>(act_param));
+  }
   return y;
 }
 
@@ -154,16 +199,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
   const Tensor x = x_.contiguous(fmt), gy = gy_.contiguous(fmt), r = in_format(residual, fmt);
   const Geom g = channel_geom(x, fmt);
   const Tensor mean = f32(mean_);
-  const BnCoef k = bn_coef(weight, bias, mean, var_, eps);
-  const Tensor sums =
-      ChannelAct<D>::act_backward_reduce(gy, x, r, k.scale, k.shift, mean, g, a, static_cast<float>(act_param));
-  const BnGrad d = bn_grad(k, sums, g.per_slot());
   Tensor gx = empty_in_format(x, fmt);
   Tensor gr = r.defined() ? empty_in_format(x, fmt) : Tensor();
-  ChannelAct<D>::act_backward_apply(gy, x, r, k.scale, k.shift, mean, d.alpha, d.beta, gx, gr, g, a,
-                                    static_cast<float>(act_param));
-  return {gx, gr.defined() ? gr : no_grad_tensor(x), d.grad_weight.to(weight.scalar_type()),
-          d.grad_bias.to(bias.scalar_type())};
+  if constexpr (ChannelAct<D>::kFusedBn) {
+    Tensor gw = at::empty({weight.numel()}, weight.options()), gb = at::empty({bias.numel()}, bias.options());
+    ChannelAct<D>::bn_backward(gy, x, r, BnParams{weight, bias, eps}, mean, f32(var_), gx, gr, gw, gb, g, a,
+                               static_cast<float>(act_param));
+    return {gx, gr.defined() ? gr : no_grad_tensor(x), gw, gb};
+  } else {
+    const BnCoef k = bn_coef(weight, bias, mean, var_, eps);
+    const Tensor sums =
+        ChannelAct<D>::act_backward_reduce(gy, x, r, k.scale, k.shift, mean, g, a, static_cast<float>(act_param));
+    const BnGrad d = bn_grad(k, sums, g.per_slot());
+    ChannelAct<D>::act_backward_apply(gy, x, r, k.scale, k.shift, mean, d.alpha, d.beta, gx, gr, g, a,
+                                      static_cast<float>(act_param));
+    return {gx, gr.defined() ? gr : no_grad_tensor(x), d.grad_weight.to(weight.scalar_type()),
+            d.grad_bias.to(bias.scalar_type())};
+  }
 }
 
 // scale / shift default to 1 / 0 when absent
