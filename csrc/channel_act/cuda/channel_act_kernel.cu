@@ -31,9 +31,12 @@
 //                shared-memory prologue (2 -- a coefficient kernel, then the apply -- above
 //                kCoefSmemSlots channels)
 //   slot_mean_var 2, act_backward_reduce 2, act_forward 1, act_backward_apply 1.
-// Against eager cuDNN BatchNorm2d + ReLU: forward BN (1-2) + ReLU (1), backward
-// threshold_backward (1) + BN backward (1-2), about 4-8 with the num_batches_tracked add that
-// both sides share; fused: 6 (tests/test_cuda_bn_act_launches.py counts them).
+// Against eager BatchNorm2d + ReLU (by reading ATen, not yet measured): cuDNN (fp32, fp16
+// with fp32 parameters) is one BN kernel each way, so ReLU (1) + threshold_backward (1) make
+// 4; ATen's own BN (bf16) about 3 forward and 2-3 backward, so 7-8. Fused: 6. Both sides add
+// num_batches_tracked's add. tests/test_cuda_bn_act_launches.py counts them on a GPU; to reach
+// cuDNN's count, the finalize would move into the reduction's last block (a self-resetting
+// atomicInc ticket), making forward and backward 2 launches each.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>

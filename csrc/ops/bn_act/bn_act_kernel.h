@@ -20,9 +20,10 @@
 //   bn_act_backward  3  dz partials, finalize (alpha, beta, grad_weight, grad_bias), apply
 //   bn_act_apply     1  (a rebuilt activation, and the bn_act layer in eval) the apply kernel
 //                    computes the coefficients from the statistics itself (2 above 2048 channels)
-// -- 6 for a training layer's forward + backward, against eager cuDNN BatchNorm2d + ReLU's 4-8
-// (tests/test_cuda_bn_act_launches.py). On the CPU: bn_coef / bn_grad's loops between the
-// channel_act kernels, as before (results pinned by the CPU tests).
+// -- 6 for a training layer's forward + backward, against eager BatchNorm2d + ReLU's 4 (cuDNN)
+// to 8 (ATen's BN), by reading the code (tests/test_cuda_bn_act_launches.py counts them on a
+// GPU). On the CPU: bn_coef / bn_grad's loops between the channel_act kernels, as before
+// (results pinned by the CPU tests).
 #pragma once
 
 #include <ATen/ATen.h>
