@@ -123,14 +123,14 @@ class _Kept:
 
 class _Rebuild:
     """What the autograd graph (or a later recipe) holds instead of a tensor: the root's
-    :class:`Recipe` and the view geometry of the tensor relative to that root."""
+    :class:`Recipe` and the view geometry of the tensor relative to that root (None when the
+    tensor is the root itself, the common case: a layer's output saved by the next layer)."""
 
-    __slots__ = ("recipe", "size", "stride", "offset")
+    __slots__ = ("recipe", "view")
 
     def __init__(self, recipe: Recipe, t: torch.Tensor, root: torch.Tensor):
         self.recipe = recipe
-        self.size, self.stride = tuple(t.shape), t.stride()
-        self.offset = t.storage_offset() - root.storage_offset()
+        self.view = None if t is root else (tuple(t.shape), t.stride(), t.storage_offset() - root.storage_offset())
 
     @property
     def depth(self) -> int:
@@ -138,14 +138,17 @@ class _Rebuild:
 
     def get(self) -> torch.Tensor:
         root = self.recipe.get()
-        if (self.size, self.stride, self.offset) == (self.recipe.shape, self.recipe.stride, 0):
+        if self.view is None:
             return root
-        return root.as_strided(self.size, self.stride, root.storage_offset() + self.offset)
+        size, stride, offset = self.view
+        return root.as_strided(size, stride, root.storage_offset() + offset)
 
 
 def _recipe_of(t: torch.Tensor):
     """``_Rebuild`` for ``t`` if its storage owner carries a still-valid recipe, else None."""
-    root = t if t._base is None else t._base
+    root = t._base
+    if root is None:
+        root = t
     recipe = getattr(root, _ATTR, None)
     if recipe is None or root._version != recipe.version:  # changed in place since: not rebuildable
         return None

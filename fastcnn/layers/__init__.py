@@ -22,11 +22,26 @@ def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
 
     Switched is every module whose class declares ``fused: bool`` (the fusable layers, the
     pools of :mod:`fastcnn.layers.pool`, and model parts with a fused path of their own, such
-    as ResNet's option-A shortcut)."""
+    as ResNet's option-A shortcut).
+
+    A lone layer that is one fused op (a ConvBnAct, BnAct, ConvAct or SqueezeExcite whose
+    activation the kernels apply, or a pool) gets no rebuild hooks: nothing inside it consumes
+    what it marks rebuildable, so they could only cost host time.
+    """
     for m in model.modules():
         if isinstance(getattr(type(m), "fused", None), bool):
             m.fused = bool(fused)
-    return recompute.enable(model) if fused else recompute.disable(model)
+    if fused and not _lone_op(model):
+        return recompute.enable(model)
+    return recompute.disable(model)
+
+
+def _lone_op(model: nn.Module) -> bool:
+    """Whether ``model``'s fused forward is a single op on its input (see :func:`set_fused`)."""
+    if isinstance(model, (MaxPool2d, GlobalAvgPool2d)):
+        return True
+    return (isinstance(model, FUSABLE_LAYERS) and not isinstance(model, BnActConv)
+            and fused_act_name(model.act) is not None)
 
 
 __all__ = ["create_act", "fused_act_name", "list_activations", "FUSED_ACTIVATIONS", "ConvBnAct",

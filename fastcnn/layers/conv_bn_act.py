@@ -89,10 +89,15 @@ class _Fusable(nn.Module):
         return "fused=True" if self.fused else ""
 
     def _act(self, act: nn.Module):
+        # keyed by the module (a layer may pass two: BnActConv's activation and the identity
+        # of its convolution); the module is kept with its entry, so its id cannot be reused
         cache = self.__dict__.get("_act_cache")
-        if cache is None or cache[0] is not act:
-            cache = self.__dict__["_act_cache"] = (act, _kernel_act(act))
-        return cache[1]
+        if cache is None:
+            cache = self.__dict__["_act_cache"] = {}
+        hit = cache.get(id(act))
+        if hit is None or hit[0] is not act:
+            hit = cache[id(act)] = (act, _kernel_act(act))
+        return hit[1]
 
     def _fused(self, op: str, act: nn.Module, x, params: tuple, kw: dict, residual=None):
         """``op(x, *params, **kw, act=..., residual=residual)`` the fused way (steps above);
