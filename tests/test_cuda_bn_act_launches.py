@@ -3,14 +3,18 @@
 * kernel launches, counted with ``torch.profiler``: a fused BN+ReLU layer's training forward +
   backward (running statistics included) issues no more than eager ``nn.BatchNorm2d`` + ReLU
   (cuDNN), NCHW and channels_last, C = 16 and 64; and each primitive issues the number the
-  design notes of csrc/channel_act/cuda/channel_act_kernel.cu list (forward 3, backward 3,
-  rebuild 1, eval 1);
+  design notes of csrc/channel_act/cuda/channel_act_kernel.cu list (forward 2, backward 2 --
+  each reduction's last block does the finalize -- rebuild 1, eval 1);
 * results: the fused layer against eager in the same dtype and a float64 truth (y, the
   gradients of x / weight / bias, the running statistics) for C in {16, 32, 64, 256},
   fp32 / fp16 / bf16 activations (fp32 BN parameters, as autocast keeps them; fp16 parameters
   too), both memory formats -- the channels_last reductions' lane layout changes with C;
 * the rebuild (``bn_act_apply``) gives ``bn_act_forward``'s y bit for bit, below and above the
-  channel count whose coefficients its kernel keeps in shared memory.
+  channel count whose coefficients its kernel keeps in shared memory;
+* the last-block finalize: results the same bits run to run (below and above the channel count
+  up to which the last block finalizes), on several streams at once (one ticket counter per
+  stream), and in a CUDA graph replayed several times (each captured reduction its own
+  counter), with eager calls on the same stream before and after.
 """
 from __future__ import annotations
 
@@ -73,8 +77,8 @@ def test_fused_layer_launches_no_more_than_eager(backend, c, layout):
     with fastcnn.use_backend("cuda"):
         fused = device_events(_step(_layer(c, fused=True), x, g))
     assert len(fused) <= len(eager), f"fused {len(fused)}: {fused}\neager {len(eager)}: {eager}"
-    # the design: num_batches_tracked's add, forward 3 (statistics, finalize, apply), backward 3
-    assert len(fused) <= 7, fused
+    # the design: num_batches_tracked's add, forward 2 (statistics + finalize, apply), backward 2
+    assert len(fused) <= 5, fused
 
 
 @backends("cuda")
@@ -89,12 +93,15 @@ def test_primitive_launches(backend, layout, dtype):
     rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
     ops = torch.ops.fastcnn
     _, mean, var = ops.bn_act_forward(x, w, b, None, 1e-5, "relu", 0.0)
-    assert len(device_events(lambda: ops.bn_act_forward(x, w, b, None, 1e-5, "relu", 0.0))) == 3
-    assert len(device_events(lambda: ops.bn_act_backward(gy, x, w, b, None, mean, var, 1e-5, "relu", 0.0))) == 3
+    forward = device_events(lambda: ops.bn_act_forward(x, w, b, None, 1e-5, "relu", 0.0))
+    assert len(forward) == 2, forward
+    backward = device_events(lambda: ops.bn_act_backward(gy, x, w, b, None, mean, var, 1e-5, "relu", 0.0))
+    assert len(backward) == 2, backward
     assert len(device_events(lambda: ops.bn_act_apply(x, w, b, None, mean, var, 1e-5, "relu", 0.0))) == 1
-    # the composite layer op: the running statistics are updated by the finalize kernel
+    # the composite layer op: the running statistics are updated by the statistics kernel's
+    # last block
     train = device_events(lambda: ops.bn_act(x, w, b, rm, rv, None, True, 0.1, 1e-5, "relu", 0.0))
-    assert len(train) == 3, train
+    assert len(train) == 2, train
     evaluate = device_events(lambda: ops.bn_act(x, w, b, rm, rv, None, False, 0.0, 1e-5, "relu", 0.0))
     assert len(evaluate) == 1, evaluate
 
@@ -159,3 +166,80 @@ def test_rebuild_is_bit_identical(backend, c, dtype, layout):
             again = torch.ops.fastcnn.bn_act_apply(x, w, b, res, mean, var, 1e-5, "silu", 0.0)
             assert again.stride() == y.stride()
             assert torch.equal(again, y)
+
+
+# =========================================================================== last-block finalize
+
+def _fwd_bwd(x, gy, w, b, r=None):
+    """bn_act_forward then bn_act_backward: every tensor they return."""
+    ops = torch.ops.fastcnn
+    y, mean, var = ops.bn_act_forward(x, w, b, r, 1e-5, "relu", 0.0)
+    gx, gr, gw, gb = ops.bn_act_backward(gy, x, w, b, r, mean, var, 1e-5, "relu", 0.0)
+    return [y, mean, var, gx, gw, gb] + ([gr] if r is not None else [])
+
+
+def _inputs(c, layout, dtype=torch.float32, n=8, hw=(8, 8)):
+    x = make((n, c) + hw, layout, dtype, "cuda", scale=2.0, offset=0.5)
+    gy = make((n, c) + hw, layout, dtype, "cuda")
+    w, b = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
+    return x, gy, w, b
+
+
+def _assert_same(got, want):
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), f"output {i} differs"
+
+
+@backends("cuda")
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("c", (1, 16, 64, 300, 2048, 3000))  # 2048: the last block's limit; 3000: finalize kernel
+def test_same_bits_run_to_run(backend, c, dtype, layout):
+    x, gy, w, b = _inputs(c, layout, dtype, n=4, hw=(5, 6))
+    r = make(x.shape, layout, dtype, "cuda")
+    for res in (None, r):
+        want = _fwd_bwd(x, gy, w, b, res)
+        for _ in range(3):
+            _assert_same(_fwd_bwd(x, gy, w, b, res), want)
+
+
+@backends("cuda")
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+def test_streams_at_once(backend, layout):
+    """Reductions on four streams at once: each stream's ticket counter is its own."""
+    x, gy, w, b = _inputs(64, layout)
+    want = _fwd_bwd(x, gy, w, b)
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    torch.cuda.synchronize()
+    outs = []
+    for _ in range(4):
+        for s in streams:
+            with torch.cuda.stream(s):
+                outs.append(_fwd_bwd(x, gy, w, b))
+    torch.cuda.synchronize()
+    for got in outs:
+        _assert_same(got, want)
+
+
+@backends("cuda")
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+@pytest.mark.parametrize("c", (64, 3000))
+def test_cuda_graph_replay(backend, c, layout):
+    """Captured and replayed: the same bits as eager, replay after replay (the captured
+    reductions' counters end every replay at 0), and eager calls on the capturing thread's
+    stream still right afterwards."""
+    x, gy, w, b = _inputs(c, layout, n=4, hw=(6, 6))
+    want = _fwd_bwd(x, gy, w, b)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph asks
+        _fwd_bwd(x, gy, w, b)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _fwd_bwd(x, gy, w, b)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_same(out, want)
+    _assert_same(_fwd_bwd(x, gy, w, b), want)

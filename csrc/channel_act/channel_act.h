@@ -95,8 +95,10 @@ struct BnRunning {
 #ifdef WITH_CUDA
 // The fused BatchNorm passes (CUDA; per-channel geometry, B == 1). Every per-channel step --
 // the fp64 combine, mean/var, the coefficients, the running statistics, the backward's alpha,
-// beta and parameter gradients -- runs in the finalize kernel of its reduction, so that each
-// is a fixed, small number of launches (listed in csrc/channel_act/cuda/channel_act_kernel.cu).
+// beta and parameter gradients -- runs in the finalize of its reduction, which the
+// reduction's last block to finish does in the same launch (up to 2048 channels; a finalize
+// kernel above), so that each is a fixed, small number of launches: forward 2, backward 2,
+// apply 1 (listed in csrc/channel_act/cuda/channel_act_kernel.cu).
 namespace cuda {
 // y = act(BN(x) (+ r)) with the batch statistics, written into mean and var (fp32 [P])
 void bn_forward(const at::Tensor& x, const at::Tensor& r, at::Tensor& y, const BnParams& bn, at::Tensor& mean,

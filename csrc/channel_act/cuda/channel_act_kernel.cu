@@ -8,11 +8,15 @@
 //   * reductions (reduce_plane_kernel for I > 1, reduce_rows_kernel for I == 1): per-slot
 //     partial sums of a pair of values, split across blocks so that the grid fills the GPU,
 //     written as fp32 partials [splits, P];
-//   * one finalize kernel per reduction (finalize_kernel with an epilogue): combines the
-//     partials in fp64 and computes everything per slot that follows from the sums -- the
-//     moments, BatchNorm's coefficients, the running-statistics update, the backward's alpha,
-//     beta and parameter gradients -- so that no chain of small ATen ops runs between passes.
-// All math in fp32 (fp64 for the combine); every launch on the current stream and checked.
+//   * the finalize of each reduction, with an epilogue: combines the partials in fp64 and
+//     computes everything per slot that follows from the sums -- the moments, BatchNorm's
+//     coefficients, the running-statistics update, the backward's alpha, beta and parameter
+//     gradients -- so that no chain of small ATen ops runs between passes. Up to kFoldSlots
+//     (2048) slots it runs in the reduction's own launch, in its last block to finish
+//     (finalize_if_last: the threadFenceReduction pattern, a self-resetting per-stream ticket
+//     counter, see launch_ticket); above, in a finalize kernel of its own (finalize_kernel).
+// All math in fp32 (fp64 for the combine, in an order fixed by the shape: the same bits run
+// to run); every launch on the current stream and checked.
 //
 // BatchNorm's coefficients (scale = weight / sqrt(var + eps), shift = bias - mean * scale) are
 // computed by one device function, bn_coef_of, in explicitly rounded fp32 intrinsics: every
@@ -20,29 +24,38 @@
 // the rebuild's prologue) gets the same bits from the same fp32 mean and var, so a rebuilt
 // activation equals the forward's bit for bit.
 //
-// Launches per op (CUDA, B == 1 BatchNorm geometry; a layout or dtype conversion of an input,
-// when one is needed, adds its copy):
+// Launches per op (CUDA, B == 1 BatchNorm geometry, C <= 2048 channels -- one more above,
+// the separate finalize; a layout or dtype conversion of an input, when one is needed, adds
+// its copy):
 //   bn_forward   (bn_act_forward; the bn_act layer in training, running statistics included)
-//                3: statistics partials, finalize (mean, var, scale/shift, running stats), apply
-//   bn_backward  (bn_act_backward)   3: dz partials, finalize (alpha, beta, grad_weight,
+//                2: statistics (its last block: mean, var, scale/shift, running stats), apply
+//   bn_backward  (bn_act_backward)   2: dz sums (its last block: alpha, beta, grad_weight,
 //                grad_bias, scale/shift), apply
 //   bn_apply     (bn_act_apply: a rebuilt activation; the bn_act layer in eval)
 //                1: the apply kernel computes the coefficients from the saved statistics in a
 //                shared-memory prologue (2 -- a coefficient kernel, then the apply -- above
-//                kCoefSmemSlots channels)
-//   slot_mean_var 2, act_backward_reduce 2, act_forward 1, act_backward_apply 1.
+//                kCoefSmemSlots = 2048 channels)
+//   slot_mean_var 1, act_backward_reduce 1 (2 each above 2048 slots), act_forward 1,
+//   act_backward_apply 1.
+// Only while a stream captures a CUDA graph does a reduction add a memset (its own zeroed
+// ticket counter, a memset node in the graph).
 // Against eager BatchNorm2d + ReLU (by reading ATen, not yet measured): cuDNN (fp32, fp16
 // with fp32 parameters) is one BN kernel each way, so ReLU (1) + threshold_backward (1) make
-// 4; ATen's own BN (bf16) about 3 forward and 2-3 backward, so 7-8. Fused: 6. Both sides add
-// num_batches_tracked's add. tests/test_cuda_bn_act_launches.py counts them on a GPU; to reach
-// cuDNN's count, the finalize would move into the reduction's last block (a self-resetting
-// atomicInc ticket), making forward and backward 2 launches each.
+// 4; ATen's own BN (bf16) about 3 forward and 2-3 backward, so 7-8. Fused: 4. Both sides add
+// num_batches_tracked's add. tests/test_cuda_bn_act_launches.py counts them on a GPU.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <tuple>
 
 #include "channel_act/channel_act.h"
 
@@ -266,6 +279,85 @@ __global__ void bn_coef_kernel(BnSrc bn, int64_t P, float* __restrict__ coef) {
   }
 }
 
+// ------------------------------------------------------------------ finalize
+// partials [splits, P] -> fp64 sums per slot, handed to the epilogue. Above kFoldSlots slots,
+// its own launch (a grid of blocks, one slot per thread, the rows in order).
+template <typename Epi>
+__global__ void finalize_kernel(const float2* __restrict__ partial, int splits, int64_t P, Epi epi) {
+  for (int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; s < P; s += (int64_t)gridDim.x * blockDim.x) {
+    double a = 0.0, b = 0.0;
+    for (int k = 0; k < splits; ++k) {
+      const float2 t = partial[(int64_t)k * P + s];
+      a += t.x;
+      b += t.y;
+    }
+    epi(s, a, b);
+  }
+}
+
+// The same, by one block (the reduction's last, below): all P slots, blockDim.x / J at a time
+// (the loop over slots when P exceeds that). J lanes per slot (a power of two, 1..32: as many
+// as the rows and the block allow, so that a few slots with many rows still use the whole
+// block) sum the rows j, j + J, ... in order in fp64, then combine by an xor butterfly. The
+// order is a function of (P, splits, blockDim.x) only: the sums are the same bits run to run.
+// The loop's trip count is uniform over the block and every lane of a warp takes part in the
+// shuffles (blockDim.x: a multiple of 32). Partials read through L2 (__ldcg), where the other
+// blocks' fenced writes are, never through a possibly stale L1 line.
+template <typename Epi>
+__device__ __forceinline__ void finalize_block(const float2* partial, int splits, int64_t P, const Epi& epi) {
+  int J = 1;
+  while (J < 32 && 2 * J <= splits && 2 * J * P <= (int64_t)blockDim.x) J *= 2;
+  const int lane = threadIdx.x & (J - 1);
+  const int64_t per_round = blockDim.x / J, off = threadIdx.x / J;
+  for (int64_t s0 = 0; s0 < P; s0 += per_round) {
+    const int64_t s = s0 + off;
+    double a = 0.0, b = 0.0;
+    if (s < P) {
+#pragma unroll 4
+      for (int k = lane; k < splits; k += J) {
+        const float2 t = __ldcg(partial + (int64_t)k * P + s);
+        a += t.x;
+        b += t.y;
+      }
+    }
+    for (int o = J / 2; o > 0; o >>= 1) {
+      a += __shfl_xor_sync(0xffffffffu, a, o);
+      b += __shfl_xor_sync(0xffffffffu, b, o);
+    }
+    if (lane == 0 && s < P) epi(s, a, b);
+  }
+}
+
+// The last-block finalize (the CUDA programming guide's threadFenceReduction pattern), called
+// by every thread of every block after the block's partial writes, in uniform control flow:
+//   1. each thread fences its own partial writes (visible device-wide before the ticket);
+//   2. barrier: the whole block has written and fenced;
+//   3. thread 0 draws a ticket: atomicInc(ticket, blocks - 1) returns blocks - 1 to exactly
+//      one block, the last to arrive, and wraps the counter back to 0 for it -- so the counter
+//      is 0 again when the launch ends (the next launch on the stream, and a CUDA-graph
+//      replay, start from 0: no reset store, no memset);
+//   4. the flag goes through shared memory and a barrier to the whole block, which leaves or
+//      finalizes as one (no barrier inside finalize_block);
+//   5. the last block fences (acquire: every other block's partials, ordered before its
+//      ticket, are now visible) and reads all partials through L2.
+// The ticket counter must not be shared with a concurrently running launch: see
+// launch_ticket.
+template <typename Epi>
+__device__ __forceinline__ void finalize_if_last(const float2* partial, int splits, int64_t P, const Epi& epi,
+                                                 unsigned int* ticket) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned int blocks = gridDim.x * gridDim.y * gridDim.z;
+    last = atomicInc(ticket, blocks - 1) == blocks - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  finalize_block(partial, splits, P, epi);
+}
+
 // ------------------------------------------------------------------ reductions
 // A reduction functor: per-slot parameters loaded once, then a pair of values per element.
 template <typename T>
@@ -306,9 +398,10 @@ struct DzOp {
 };
 
 // I > 1: block (slot, split) sums its share of the slot's O runs of I elements.
-template <typename T, int V, typename Op>
+template <typename T, int V, typename Op, typename Epi>
 __global__ void reduce_plane_kernel(const T* __restrict__ x, const T* __restrict__ gy, const T* __restrict__ r,
-                                    Op op, Dims d, int splits, float2* __restrict__ partial) {
+                                    Op op, Dims d, int splits, float2* __restrict__ partial, Epi epi,
+                                    unsigned int* ticket) {
   const int64_t s = blockIdx.x;
   const int split = blockIdx.y;
   const int64_t b = s / d.G, g = s % d.G;
@@ -328,6 +421,7 @@ __global__ void reduce_plane_kernel(const T* __restrict__ x, const T* __restrict
   }
   block_sum2(a, c);
   if (threadIdx.x == 0) partial[(int64_t)split * d.B * d.G + s] = make_float2(a, c);
+  if (ticket != nullptr) finalize_if_last(partial, splits, d.B * d.G, epi, ticket);  // uniform
 }
 
 // I == 1: rows of G slots (channels_last). The block's 256 threads cover a tile of L * V
@@ -336,10 +430,10 @@ __global__ void reduce_plane_kernel(const T* __restrict__ x, const T* __restrict
 // L = 4, eight rows per warp). The rows stride by 256 / L; the L-lane groups of a warp
 // combine by shuffle, the warps through shared memory.
 constexpr int kRowThreads = 256;
-template <typename T, int V, typename Op>
+template <typename T, int V, typename Op, typename Epi>
 __global__ void __launch_bounds__(kRowThreads)
     reduce_rows_kernel(const T* __restrict__ x, const T* __restrict__ gy, const T* __restrict__ r, Op op,
-                       Dims d, int L, int splits, float2* __restrict__ partial) {
+                       Dims d, int L, int splits, float2* __restrict__ partial, Epi epi, unsigned int* ticket) {
   constexpr int kWarps = kRowThreads / 32;
   __shared__ float2 sh[kWarps][32 * V];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -393,79 +487,71 @@ __global__ void __launch_bounds__(kRowThreads)
     }
     partial[(int64_t)split * d.B * d.G + b * d.G + gs] = sum;
   }
+  if (ticket != nullptr) finalize_if_last(partial, splits, d.B * d.G, epi, ticket);  // uniform
 }
 
-// partials [splits, P] -> fp64 sums per slot, handed to the epilogue
-template <typename Epi>
-__global__ void finalize_kernel(const float2* __restrict__ partial, int splits, int64_t P, Epi epi) {
-  for (int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; s < P; s += (int64_t)gridDim.x * blockDim.x) {
-    double a = 0.0, b = 0.0;
-    for (int k = 0; k < splits; ++k) {
-      const float2 t = partial[(int64_t)k * P + s];
-      a += t.x;
-      b += t.y;
-    }
-    epi(s, a, b);
-  }
-}
+// ------------------------------------------------------------------ epilogues
+// What the finalize computes per slot from the fp64 sums (a, b). One epilogue type per
+// reduction functor, whatever the op (a null pointer selects the op's work at run time,
+// uniformly), so each reduction kernel is instantiated once. Every load first, then the math,
+// then the stores: the loads of a slot are issued together (the last block's finalize is a
+// serial tail of the reduction launch).
 
 // the shifted sums of MomentsOp -> mean and biased variance, fp32 as stored
-template <typename T>
-__device__ __forceinline__ void moments_of(const T* x, const Dims& d, int64_t s, double a, double b, double count,
-                                           float& mean, float& var) {
+__device__ __forceinline__ void moments_of(float pilot, double a, double b, double count, float& mean, float& var) {
   const double m = a / count;
-  mean = static_cast<float>(static_cast<double>(slot_pilot(x, d, s)) + m);
+  mean = static_cast<float>(static_cast<double>(pilot) + m);
   var = static_cast<float>(fmax(b / count - m * m, 0.0));
 }
 
+// MomentsOp's sums -> mean and biased variance (slot_mean_var); with scale != nullptr
+// (bn_forward) also BatchNorm's coefficients and, with run_mean.p != nullptr, the running
+// statistics
 template <typename T>
-struct MomentsEpi {  // slot_mean_var
+struct StatsEpi {
   const T* x;
   Dims d;
   double count;
   float *mean, *var;
-  __device__ void operator()(int64_t s, double a, double b) const { moments_of(x, d, s, a, b, count, mean[s], var[s]); }
-};
-
-struct SumsEpi {  // act_backward_reduce: the sums themselves
-  float *out_a, *out_b;
-  __device__ void operator()(int64_t s, double a, double b) const {
-    out_a[s] = static_cast<float>(a);
-    out_b[s] = static_cast<float>(b);
-  }
-};
-
-template <typename T>
-struct BnForwardEpi {  // bn_forward: statistics, coefficients, running statistics
-  const T* x;
-  Dims d;
-  double count;
-  BnSrc bn;  // weight, bias, eps (its mean/var: the outputs below)
-  float *mean, *var, *scale, *shift;
-  ParamVec run_mean, run_var;  // p == nullptr: no update
+  BnSrc bn;  // weight, bias, eps (its mean/var: the outputs above)
+  float *scale, *shift;
+  ParamVec run_mean, run_var;
   float momentum, unbias;
   __device__ void operator()(int64_t s, double a, double b) const {
+    const float pilot = slot_pilot(x, d, s);
+    const bool coef = scale != nullptr, update = coef && run_mean.p != nullptr;
+    const float w = coef ? bn.w.get(s) : 0.f, bb = coef ? bn.b.get(s) : 0.f;
+    const float rm = update ? run_mean.get(s) : 0.f, rv = update ? run_var.get(s) : 0.f;
     float m, v;
-    moments_of(x, d, s, a, b, count, m, v);
+    moments_of(pilot, a, b, count, m, v);
     mean[s] = m;
     var[s] = v;
-    const Coef k = bn_coef_of(bn.w.get(s), bn.b.get(s), m, v, bn.eps);  // as BnSrc::at on the stored m, v
-    scale[s] = k.scale;
-    shift[s] = k.shift;
-    if (run_mean.p != nullptr) {  // nn.BatchNorm2d: running += momentum * (batch - running), var unbiased
-      const float rm = run_mean.get(s), rv = run_var.get(s);
+    if (coef) {
+      const Coef k = bn_coef_of(w, bb, m, v, bn.eps);  // as BnSrc::at on the stored m, v
+      scale[s] = k.scale;
+      shift[s] = k.shift;
+    }
+    if (update) {  // nn.BatchNorm2d: running += momentum * (batch - running), var unbiased
       run_mean.set(s, rm + momentum * (m - rm));
       run_var.set(s, rv + momentum * (v * unbias - rv));
     }
   }
 };
 
-struct BnBackwardEpi {  // bn_backward: sums (dz, dz * (x - mean)) -> apply coefficients, grads
+// DzOp's sums (dz, dz * (x - center)) -> the sums themselves into alpha and beta
+// (act_backward_reduce, scale == nullptr); or (bn_backward) the apply's coefficients
+// scale/shift/alpha/beta and the parameter gradients in their own dtype
+struct DzEpi {
+  float *scale, *shift, *alpha, *beta;
   BnSrc bn;
   double count;
-  float *scale, *shift, *alpha, *beta;
   ParamVec grad_w, grad_b;
   __device__ void operator()(int64_t s, double a, double b) const {
+    if (scale == nullptr) {
+      alpha[s] = static_cast<float>(a);
+      beta[s] = static_cast<float>(b);
+      return;
+    }
     const Coef k = bn.at(s);
     const double sc = k.scale, is = k.invstd;
     scale[s] = k.scale;
@@ -511,57 +597,131 @@ void dispatch_elementwise(Act act, bool res, bool vec, F&& f) {
 
 Dims dims(const Geom& g) { return {g.B, g.O, g.G, g.I}; }
 
-// The fp32 partial sums [splits, P] of a reduction.
-struct Partials {
-  at::Tensor buf;
-  int splits = 1;
-  const float2* ptr() const { return reinterpret_cast<const float2*>(buf.const_data_ptr<float>()); }
+// ------------------------------------------------------------------ tickets
+// The counter a folded reduction's blocks draw their tickets from (finalize_if_last). It is 0
+// before and after every launch (the last ticket wraps it), so it needs no reset or memset per
+// call: one persistent, zero-initialised counter per (device, stream), owned by the extension
+// and never freed (4 bytes per stream that ever ran a reduction; slots handed out of 1 KiB
+// cudaMalloc slabs, outside PyTorch's allocator and its statistics).
+//
+// Why one counter per stream is safe: a launch uses its counter from its first block's ticket
+// to its last block's, i.e. while it runs, and kernels on one stream run one after another --
+// so no two launches share a counter at once. (Not so if a kernel were launched on one stream
+// with programmatic dependent launch or by another process on the same handle: neither
+// happens here.) cudaStreamPerThread names a different stream on each host thread: keyed by
+// the thread as well.
+//
+// CUDA graphs: a launch captured into a graph must not use the capture stream's counter --
+// replays of two graphs captured on one stream may run concurrently on different streams, and
+// a replay concurrently with eager work on the capture stream. While the stream captures, each
+// launch gets its own counter instead: a zeroed int from PyTorch's allocator (the graph's
+// private pool, freed with the graph), i.e. one memset node in the graph besides the kernel.
+// The replay starts every such counter at 0 (the memset node) and the kernel leaves it at 0.
+// No cudaMalloc or synchronisation happens while capturing.
+constexpr int kTicketSlab = 256;
+
+class TicketRegistry {
+ public:
+  unsigned int* get(const at::cuda::CUDAStream& stream) {
+    const cudaStream_t h = stream.stream();
+    const Key key{stream.device_index(), reinterpret_cast<uintptr_t>(h),
+                  h == cudaStreamPerThread ? std::this_thread::get_id() : std::thread::id()};
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = of_stream_.find(key);
+    if (it != of_stream_.end()) return it->second;
+    Slab& slab = slabs_[stream.device_index()];
+    if (slab.p == nullptr || slab.used == kTicketSlab) slab = {new_slab(h), 0};
+    unsigned int* t = slab.p + slab.used++;
+    of_stream_.emplace(key, t);
+    return t;
+  }
+
+ private:
+  using Key = std::tuple<int, uintptr_t, std::thread::id>;
+  struct Slab {
+    unsigned int* p = nullptr;
+    int used = 0;
+  };
+  // zeroed before any stream can use a slot of it (the stream synchronised once, here); the
+  // caller's stream does not capture; relaxed mode lets cudaMalloc through while another
+  // thread captures
+  static unsigned int* new_slab(cudaStream_t h) {
+    c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+    void* p = nullptr;
+    C10_CUDA_CHECK(cudaMalloc(&p, kTicketSlab * sizeof(unsigned int)));
+    C10_CUDA_CHECK(cudaMemsetAsync(p, 0, kTicketSlab * sizeof(unsigned int), h));
+    C10_CUDA_CHECK(cudaStreamSynchronize(h));
+    return static_cast<unsigned int*>(p);
+  }
+  std::mutex mu_;
+  std::map<Key, unsigned int*> of_stream_;
+  std::map<int, Slab> slabs_;  // the device's slab slots are handed out of (full ones stay in use)
 };
 
-// Runs `op` over the slots (P > 0): one launch.
-template <typename T, typename Op>
-Partials reduce_partials(const at::Tensor& x, const T* xp, const T* gp, const T* rp, Op op, const Geom& geom) {
+// The ticket counter for a launch on the current stream (whose device is the current one);
+// `keep` holds a captured launch's own counter until the launch is enqueued.
+unsigned int* launch_ticket(const at::Tensor& like, at::Tensor& keep) {
+  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus status;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
+  if (status != cudaStreamCaptureStatusNone) {
+    keep = at::zeros({1}, like.options().dtype(at::kInt));
+    return reinterpret_cast<unsigned int*>(keep.data_ptr<int>());
+  }
+  static TicketRegistry* registry = new TicketRegistry();  // never destroyed: outlives CUDA teardown
+  return registry->get(stream);
+}
+
+// Up to this many slots the reduction's last block finalizes (a serial tail of at most
+// kFoldSlots / 256 slots per thread); above, a finalize kernel spreads the slots over a grid.
+constexpr int64_t kFoldSlots = 2048;
+
+// Runs `op` over the slots (P > 0) into fp32 partials [splits, P], then the finalize with
+// `epi`: one launch (the last block finalizes) up to kFoldSlots slots, two above.
+template <typename T, typename Op, typename Epi>
+void reduce_finalize(const at::Tensor& x, const T* xp, const T* gp, const T* rp, Op op, const Geom& geom,
+                     const Epi& epi) {
   const Dims d = dims(geom);
   const int64_t P = geom.slots();
   auto stream = at::cuda::getCurrentCUDAStream();
   constexpr int VW = pack_width<T>();
   const bool vec = packable(d, VW) && aligned16(xp) && aligned16(gp) && aligned16(rp);
   const int64_t target = (int64_t)sm_count() * 4;
-  Partials pt;
+  at::Tensor keep;
+  unsigned int* ticket = P <= kFoldSlots ? launch_ticket(x, keep) : nullptr;
+  int splits = 1;
+  at::Tensor buf;
   auto launch = [&](auto v_c) {
     constexpr int V = decltype(v_c)::value ? VW : 1;
     if (d.I > 1) {
-      pt.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(d.O, (target + P - 1) / P)));
-      pt.buf = at::empty({pt.splits, P, 2}, x.options().dtype(at::kFloat));
-      const int64_t work = (d.O / pt.splits + 1) * d.I / V;
+      splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(d.O, (target + P - 1) / P)));
+      buf = at::empty({splits, P, 2}, x.options().dtype(at::kFloat));
+      const int64_t work = (d.O / splits + 1) * d.I / V;
       const int threads = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, (work + 31) / 32 * 32)));
-      reduce_plane_kernel<T, V, Op><<<dim3(P, pt.splits), threads, 0, stream>>>(
-          xp, gp, rp, op, d, pt.splits, reinterpret_cast<float2*>(pt.buf.data_ptr<float>()));
+      reduce_plane_kernel<T, V, Op, Epi><<<dim3(P, splits), threads, 0, stream>>>(
+          xp, gp, rp, op, d, splits, reinterpret_cast<float2*>(buf.data_ptr<float>()), epi, ticket);
     } else {
       // L lanes per row tile: the pack columns of a row, rounded up to a power of two, at most 32
       const int64_t cols = (d.G + V - 1) / V;
       int L = 1;
       while (L < 32 && L < cols) L *= 2;
       const int64_t gtiles = (cols + L - 1) / L, rows_per_block = kRowThreads / L;
-      pt.splits = static_cast<int>(std::max<int64_t>(
+      splits = static_cast<int>(std::max<int64_t>(
           1, std::min<int64_t>((d.O + rows_per_block - 1) / rows_per_block,
                                (target + gtiles * d.B - 1) / (gtiles * d.B))));
-      pt.buf = at::empty({pt.splits, P, 2}, x.options().dtype(at::kFloat));
-      reduce_rows_kernel<T, V, Op><<<dim3(gtiles, pt.splits, d.B), kRowThreads, 0, stream>>>(
-          xp, gp, rp, op, d, L, pt.splits, reinterpret_cast<float2*>(pt.buf.data_ptr<float>()));
+      buf = at::empty({splits, P, 2}, x.options().dtype(at::kFloat));
+      reduce_rows_kernel<T, V, Op, Epi><<<dim3(gtiles, splits, d.B), kRowThreads, 0, stream>>>(
+          xp, gp, rp, op, d, L, splits, reinterpret_cast<float2*>(buf.data_ptr<float>()), epi, ticket);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   bool_dispatch(vec, launch);
-  return pt;
-}
-
-// one launch
-template <typename Epi>
-void finalize(const Partials& pt, int64_t P, const Epi& epi) {
-  const int blocks = static_cast<int>(std::min<int64_t>((P + kThreads - 1) / kThreads, 1024));
-  finalize_kernel<Epi><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(pt.ptr(), pt.splits, P, epi);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (ticket == nullptr) {
+    const int blocks = static_cast<int>(std::min<int64_t>((P + kThreads - 1) / kThreads, 1024));
+    finalize_kernel<Epi><<<blocks, kThreads, 0, stream>>>(reinterpret_cast<const float2*>(buf.const_data_ptr<float>()),
+                                                          splits, P, epi);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 const float* fptr(const at::Tensor& t) { return t.const_data_ptr<float>(); }
@@ -614,20 +774,18 @@ T* opt_mut_ptr(at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
-// the sums (dz, dz * (x - center)) of DzOp (P > 0): one launch, the finalize left to the caller
+// the sums (dz, dz * (x - center)) of DzOp (P > 0), finalized by `epi`: reduce_finalize's launches
 template <typename T>
-Partials dz_partials(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& r, const float* scale,
-                     const float* shift, const float* center, const BnSrc& bn, const Geom& g, Act act,
-                     float act_param) {
-  Partials pt;
+void dz_reduce(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& r, const float* scale,
+               const float* shift, const float* center, const BnSrc& bn, const Geom& g, Act act, float act_param,
+               const DzEpi& epi) {
   FASTCNN_DISPATCH_ACT(act, [&] {
     bool_dispatch(r.defined(), [&](auto res_c) {
       constexpr bool RES = decltype(res_c)::value;
-      pt = reduce_partials<T>(x, x.const_data_ptr<T>(), gy.const_data_ptr<T>(), opt_ptr<T>(r),
-                              DzOp<ACT, RES>{scale, shift, center, bn, act_param}, g);
+      reduce_finalize<T>(x, x.const_data_ptr<T>(), gy.const_data_ptr<T>(), opt_ptr<T>(r),
+                         DzOp<ACT, RES>{scale, shift, center, bn, act_param}, g, epi);
     });
   });
-  return pt;
 }
 
 void check_bn_geom(const Geom& g) {
@@ -643,9 +801,13 @@ std::tuple<at::Tensor, at::Tensor> slot_mean_var(const at::Tensor& x, Geom g) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastcnn_slot_mean_var_cuda", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const Dims d = dims(g);
-    const Partials pt = reduce_partials<scalar_t>(x, xp, nullptr, nullptr, MomentsOp<scalar_t>{xp, d}, g);
-    finalize(pt, P, MomentsEpi<scalar_t>{xp, d, static_cast<double>(g.per_slot()), mean.data_ptr<float>(),
-                                         var.data_ptr<float>()});
+    StatsEpi<scalar_t> epi{};
+    epi.x = xp;
+    epi.d = d;
+    epi.count = static_cast<double>(g.per_slot());
+    epi.mean = mean.data_ptr<float>();
+    epi.var = var.data_ptr<float>();  // scale == nullptr: the statistics only
+    reduce_finalize<scalar_t>(x, xp, nullptr, nullptr, MomentsOp<scalar_t>{xp, d}, g, epi);
   });
   return {mean, var};
 }
@@ -665,9 +827,10 @@ at::Tensor act_backward_reduce(const at::Tensor& gy, const at::Tensor& x, const 
   at::Tensor out = at::empty({2, P}, x.options().dtype(at::kFloat));
   if (P == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastcnn_act_backward_reduce_cuda", [&] {
-    const Partials pt = dz_partials<scalar_t>(gy, x, r, fptr(scale), fptr(shift), fptr(center), BnSrc{}, g, act,
-                                              act_param);
-    finalize(pt, P, SumsEpi{out.data_ptr<float>(), out.data_ptr<float>() + P});
+    DzEpi epi{};  // scale == nullptr: the sums themselves, into alpha and beta
+    epi.alpha = out.data_ptr<float>();
+    epi.beta = out.data_ptr<float>() + P;
+    dz_reduce<scalar_t>(gy, x, r, fptr(scale), fptr(shift), fptr(center), BnSrc{}, g, act, act_param, epi);
   });
   return out;
 }
@@ -696,13 +859,22 @@ void bn_forward(const at::Tensor& x, const at::Tensor& r, at::Tensor& y, const B
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastcnn_bn_forward_cuda", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const Dims d = dims(g);
-    const Partials pt = reduce_partials<scalar_t>(x, xp, nullptr, nullptr, MomentsOp<scalar_t>{xp, d}, g);
-    finalize(pt, P, BnForwardEpi<scalar_t>{
-                        xp, d, count, bn_src(bn, at::Tensor(), at::Tensor()), mean.data_ptr<float>(),
-                        var.data_ptr<float>(), cp, cp + P,
-                        update ? param_vec(running.mean, "running_mean") : ParamVec{},
-                        update ? param_vec(running.var, "running_var") : ParamVec{},
-                        static_cast<float>(running.momentum), static_cast<float>(count / (count - 1.0))});
+    StatsEpi<scalar_t> epi{};
+    epi.x = xp;
+    epi.d = d;
+    epi.count = count;
+    epi.mean = mean.data_ptr<float>();
+    epi.var = var.data_ptr<float>();
+    epi.bn = bn_src(bn, at::Tensor(), at::Tensor());
+    epi.scale = cp;
+    epi.shift = cp + P;
+    if (update) {  // run_mean.p == nullptr: no update
+      epi.run_mean = param_vec(running.mean, "running_mean");
+      epi.run_var = param_vec(running.var, "running_var");
+    }
+    epi.momentum = static_cast<float>(running.momentum);
+    epi.unbias = static_cast<float>(count / (count - 1.0));
+    reduce_finalize<scalar_t>(x, xp, nullptr, nullptr, MomentsOp<scalar_t>{xp, d}, g, epi);
     launch_act_forward<scalar_t>(xp, opt_ptr<scalar_t>(r), y.data_ptr<scalar_t>(), cp, cp + P, BnSrc{}, g,
                                  x.numel(), act, act_param);
   });
@@ -718,9 +890,9 @@ void bn_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& r,
   float* cp = coef.data_ptr<float>();
   const BnSrc src = bn_src(bn, mean, var);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastcnn_bn_backward_cuda", [&] {
-    const Partials pt = dz_partials<scalar_t>(gy, x, r, nullptr, nullptr, nullptr, src, g, act, act_param);
-    finalize(pt, P, BnBackwardEpi{src, static_cast<double>(g.per_slot()), cp, cp + P, cp + 2 * P, cp + 3 * P,
-                                  param_vec(grad_weight, "grad_weight"), param_vec(grad_bias, "grad_bias")});
+    const DzEpi epi{cp, cp + P, cp + 2 * P, cp + 3 * P, src, static_cast<double>(g.per_slot()),
+                    param_vec(grad_weight, "grad_weight"), param_vec(grad_bias, "grad_bias")};
+    dz_reduce<scalar_t>(gy, x, r, nullptr, nullptr, nullptr, src, g, act, act_param, epi);
     launch_act_backward_apply<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                         opt_ptr<scalar_t>(r), cp, cp + P, fptr(mean), cp + 2 * P, cp + 3 * P,
                                         gx.data_ptr<scalar_t>(), opt_mut_ptr<scalar_t>(gr), g, x.numel(), act,

@@ -13,16 +13,20 @@
 //
 // On CUDA (ChannelAct<D>::kFusedBn) the per-channel steps between the passes run in the
 // kernels (csrc/channel_act/cuda/channel_act_kernel.cu): no ATen ops, clones or casts. Kernel
-// launches per op there:
-//   bn_act_forward   3  statistics partials, finalize (mean, var, scale/shift), apply
-//   bn_act layer, training  3  the same, the finalize also updating the running statistics
+// launches per op there (up to 2048 channels; above, one more for a forward or backward -- a
+// finalize kernel of its own -- and for the rebuild -- a coefficient kernel):
+//   bn_act_forward   2  statistics, whose last block to finish also computes mean, var and
+//                    scale/shift (the finalize); apply
+//   bn_act layer, training  2  the same, the finalize also updating the running statistics
 //                    (bn_train_forward, called directly for real tensors: csrc/ops/bn_act/bn_act.cpp)
-//   bn_act_backward  3  dz partials, finalize (alpha, beta, grad_weight, grad_bias), apply
+//   bn_act_backward  2  dz sums, whose last block computes alpha, beta, grad_weight, grad_bias;
+//                    apply
 //   bn_act_apply     1  (a rebuilt activation, and the bn_act layer in eval) the apply kernel
-//                    computes the coefficients from the statistics itself (2 above 2048 channels)
-// -- 6 for a training layer's forward + backward, against eager BatchNorm2d + ReLU's 4 (cuDNN)
-// to 8 (ATen's BN), by reading the code (tests/test_cuda_bn_act_launches.py counts them on a
-// GPU). On the CPU: bn_coef / bn_grad's loops between the channel_act kernels, as before
+//                    computes the coefficients from the statistics itself
+// -- 4 for a training layer's forward + backward, as eager BatchNorm2d + ReLU's 4 (cuDNN) and
+// under its 7-8 (ATen's BN), by reading the code (tests/test_cuda_bn_act_launches.py counts
+// them on a GPU). While a CUDA graph is captured, each reduction adds a memset node (its own
+// ticket counter). On the CPU: bn_coef / bn_grad's loops between the channel_act kernels, as before
 // (results pinned by the CPU tests).
 #pragma once
 
@@ -101,7 +105,7 @@ inline BnGrad bn_grad(const BnCoef& k, const Tensor& sums, int64_t m) {
 }
 
 // The training forward: (y, batch mean, biased batch var); with running statistics (the
-// bn_act layer) their update in place as well -- in the statistics' finalize kernel on CUDA,
+// bn_act layer) their update in place as well -- in the statistics kernel's finalize on CUDA,
 // update_running_stats on the CPU.
 template <c10::DeviceType D>
 std::tuple<Tensor, Tensor, Tensor> bn_train_forward(const Tensor& x_, const Tensor& weight, const Tensor& bias,
