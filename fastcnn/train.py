@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import memory, memory_plan
+from . import memory, memory_plan, recompute
 from . import BackendUnavailableError
 # the command line; re-exported here for the callers that have always imported them from fastcnn.train
 from .cli import (FROZEN_ON_RESUME, OPTIMIZERS, OneLineParser, UsageError, _amp_dtype,  # noqa: F401
@@ -181,6 +181,8 @@ def _environment(args, rec: Recipe) -> Env:
     rank, world, _, device = init_distributed(args.device)
     amp_name, amp_dtype = _amp_dtype(args.amp, device)
     budget = parse_size(args.memory_budget) if args.memory_budget else None
+    if args.keep_activations and not args.fused:
+        raise UsageError("--keep-activations is an option of --fused (unfused models always keep them)")
     if args.sync_bn and args.fused:
         raise UsageError("--sync-bn with --fused: the fused kernels compute per-process batch statistics; "
                          "drop one of the two")
@@ -250,6 +252,8 @@ def _model(args, rec: Recipe, env: Env, info, data: Data):
     """The model (seeded with ``--seed``) on the device, in its memory format."""
     torch.manual_seed(args.seed)
     model, model_kwargs = build_model(info.name, info, data.ds, rec, args.fused)
+    if args.keep_activations:
+        recompute.disable(model)
     model = model.to(env.device)
     if env.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -406,7 +410,8 @@ def _config(args, model_name: str, model_kwargs: dict, rec: Recipe, env: Env, da
     config = {"model": model_name, "model_kwargs": model_kwargs, "num_classes": ds.num_classes,
               "in_chans": ds.in_chans, "input_size": list(data.input_size), "dataset": args.dataset,
               "data_dir": ds.root, "classes": list(ds.classes), "mean": data.mean, "std": data.std,
-              "fused": bool(args.fused), "backend": fastcnn.get_backend(), "amp": env.amp_name,
+              "fused": bool(args.fused), "keep_activations": bool(args.keep_activations),
+              "backend": fastcnn.get_backend(), "amp": env.amp_name,
               "world_size": env.world, "device": str(env.device), "recipe": rec.as_dict(),
               "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
               "train_images": int(ds.train_labels.shape[0]), "fastcnn": fastcnn.__version__,

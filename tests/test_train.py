@@ -17,6 +17,7 @@ from fastcnn import recipes
 from fastcnn.evaluate import evaluate
 from fastcnn.export import check_equivalent, fold_batchnorm, onnx_unavailable_reason
 from fastcnn.schedules import LRScheduler, ScheduleConfig, lr_factor
+from fastcnn import recompute
 from fastcnn.train import NonFiniteLossError, UsageError, build_optimizer, param_groups, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,6 +134,25 @@ def test_fused_reference_backend_trains_like_unfused(cifar_dir, tmp_path):
     fastcnn.set_backend("auto")
     for (k, a), b in zip(plain["model"].state_dict().items(), fused["model"].state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_keep_activations_trains_like_rebuilding_them(cifar_dir, tmp_path):
+    """--keep-activations turns off the rebuild hooks (fastcnn.recompute) of a fused model:
+    the same weights after a step as with them (the rebuilds are bit for bit), the choice in
+    config.json; without --fused it is a usage error."""
+    base = ["resnet20", *_common(cifar_dir, tmp_path), "--subset", "128", "--epochs", "1", "--batch-size", "32",
+            "--fused", "--backend", "reference", "--seed", "0"]
+    rebuilt = train(base + ["--name", "rebuilt"])
+    kept = train(base + ["--name", "kept", "--keep-activations"])
+    fastcnn.set_backend("auto")
+    assert getattr(kept["model"], recompute._HANDLES, None) is None
+    assert getattr(rebuilt["model"], recompute._HANDLES, None) is not None
+    for (k, a), b in zip(rebuilt["model"].state_dict().items(), kept["model"].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    cfg = json.load(open(os.path.join(kept["run_dir"], "config.json")))
+    assert cfg["keep_activations"] is True
+    with pytest.raises(UsageError, match="--keep-activations is an option of --fused"):
+        train(["resnet20", *_common(cifar_dir, tmp_path), "--keep-activations"])
 
 
 def test_bf16_autocast_and_label_smoothing_run(cifar_dir, tmp_path):
