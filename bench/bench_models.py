@@ -6,7 +6,8 @@ built backend) and fused + ``torch.compile``, side by side in one run.
     python -m bench.report models.json                              # tables and charts
 
 Workloads: ``train`` (forward, cross-entropy, backward, SGD-momentum step) and ``infer`` (eval
-mode, no grad). Variants and dtypes: see bench/harness.py. Compilation (and Triton autotuning)
+mode, no grad). Variants and dtypes: see bench/harness.py (``fused-<backend>+keep``: without the
+activation rebuilds, training only -- what ``--keep-activations`` trades memory for). Compilation (and Triton autotuning)
 happens in untimed warm-up steps; its time is recorded apart (``compile_s``).
 
 Each result's ``extra_info`` has ``images_per_s`` (batch / median step time), ``peak_mem_bytes``
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 import fastcnn
 from bench import harness
+from fastcnn import recompute
 from fastcnn.memory import MemoryTracker
 
 #: CPU defaults: model -> batch (resnet20 and densenet: BN/activation-heavy; se_resnext: SE;
@@ -73,14 +75,18 @@ def _cases():
         fused, backend, _ = harness.parse_variant(v)
         if v.removesuffix("+compile") not in ("eager", "compile") and not (fused and backend in fastcnn.BACKENDS):
             raise pytest.UsageError(f"unknown variant {v!r} in --bench-variants; "
-                                    "variants: eager, compile, fused-<backend>[+compile]")
-    return [(m, w, v) for m in _models() for w in WORKLOADS for v in variants]
+                                    "variants: eager, compile, fused-<backend>[+keep|+compile]")
+    # +keep differs from its fused variant only in training (inference rebuilds nothing)
+    return [(m, w, v) for m in _models() for w in WORKLOADS for v in variants
+            if not (w == "infer" and harness.keeps_activations(v))]
 
 
 def _build(name: str, variant: str, workload: str):
     fused, backend, compiled = harness.parse_variant(variant)
     torch.manual_seed(0)
     model = fastcnn.create_model(name, fused=fused).to(harness.DEVICE)
+    if harness.keeps_activations(variant):
+        recompute.disable(model)
     model = model.to(memory_format=torch.channels_last).train(workload == "train")
     run = torch.compile(model) if compiled else model
     return model, run, backend

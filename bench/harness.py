@@ -49,16 +49,24 @@ def fused_backends() -> list[str]:
 
 
 def all_variants() -> list[str]:
+    """``eager``, ``compile``, ``fused-<backend>``, ``fused-<backend>+keep`` (the fused kernels
+    without the activation rebuilds: ``fastcnn.recompute.disable``, ``train --keep-activations``)
+    and ``fused-<backend>+compile`` for every backend timed here."""
     fused = [f"fused-{b}" for b in fused_backends()]
-    return ["eager", "compile"] + fused + [f"{v}+compile" for v in fused]
+    return ["eager", "compile"] + fused + [f"{v}+keep" for v in fused] + [f"{v}+compile" for v in fused]
 
 
 def parse_variant(variant: str) -> tuple[bool, str, bool]:
     """``(fused, backend, compiled)`` of a variant name."""
     compiled = variant.endswith("+compile") or variant == "compile"
-    base = variant.removesuffix("+compile")
+    base = variant.removesuffix("+compile").removesuffix("+keep")
     fused = base.startswith("fused-")
     return fused, base.split("-", 1)[1] if fused else "reference", compiled
+
+
+def keeps_activations(variant: str) -> bool:
+    """Whether a fused variant runs without the activation rebuilds (``+keep``)."""
+    return variant.endswith("+keep")
 
 
 def selected(option: str, default: list[str]) -> list[str]:
