@@ -614,10 +614,12 @@ Dims dims(const Geom& g) { return {g.B, g.O, g.G, g.I}; }
 // CUDA graphs: a launch captured into a graph must not use the capture stream's counter --
 // replays of two graphs captured on one stream may run concurrently on different streams, and
 // a replay concurrently with eager work on the capture stream. While the stream captures, each
-// launch gets its own counter instead: a zeroed int from PyTorch's allocator (the graph's
-// private pool, freed with the graph), i.e. one memset node in the graph besides the kernel.
-// The replay starts every such counter at 0 (the memset node) and the kernel leaves it at 0.
-// No cudaMalloc or synchronisation happens while capturing.
+// launch gets its own counter instead: an int from PyTorch's allocator (the graph's private
+// pool, freed with the graph), zeroed by a cudaMemsetAsync that the capture records as a
+// memset node before the kernel. Every replay zeroes it again, and the kernel leaves it at 0.
+// No cudaMalloc or synchronisation happens while capturing. (A stream destroyed with work
+// still queued and a new one created at once under the same handle would share a counter
+// with that work; PyTorch's pooled streams are never destroyed.)
 constexpr int kTicketSlab = 256;
 
 class TicketRegistry {
@@ -665,16 +667,21 @@ unsigned int* launch_ticket(const at::Tensor& like, at::Tensor& keep) {
   cudaStreamCaptureStatus status;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
   if (status != cudaStreamCaptureStatusNone) {
-    keep = at::zeros({1}, like.options().dtype(at::kInt));
+    keep = at::empty({1}, like.options().dtype(at::kInt));
+    C10_CUDA_CHECK(cudaMemsetAsync(keep.data_ptr<int>(), 0, sizeof(int), stream.stream()));  // captured
     return reinterpret_cast<unsigned int*>(keep.data_ptr<int>());
   }
   static TicketRegistry* registry = new TicketRegistry();  // never destroyed: outlives CUDA teardown
   return registry->get(stream);
 }
 
-// Up to this many slots the reduction's last block finalizes (a serial tail of at most
-// kFoldSlots / 256 slots per thread); above, a finalize kernel spreads the slots over a grid.
-constexpr int64_t kFoldSlots = 2048;
+// Up to kFoldSlots slots the reduction's last block finalizes, in at most kFoldRounds slots per
+// thread (the I > 1 reduction's blocks get at least P / kFoldRounds threads then); above, a
+// finalize kernel spreads the slots over a grid (the last block's serial tail would cost more
+// than the launch).
+constexpr int kFoldRounds = 8;
+constexpr int64_t kFoldSlots = (int64_t)kThreads * kFoldRounds;  // 2048
+static_assert(kRowThreads == kThreads, "the I == 1 reduction's last block: kThreads threads");
 
 // Runs `op` over the slots (P > 0) into fp32 partials [splits, P], then the finalize with
 // `epi`: one launch (the last block finalizes) up to kFoldSlots slots, two above.
@@ -697,7 +704,9 @@ void reduce_finalize(const at::Tensor& x, const T* xp, const T* gp, const T* rp,
       splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(d.O, (target + P - 1) / P)));
       buf = at::empty({splits, P, 2}, x.options().dtype(at::kFloat));
       const int64_t work = (d.O / splits + 1) * d.I / V;
-      const int threads = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, (work + 31) / 32 * 32)));
+      int64_t want = work;
+      if (ticket != nullptr) want = std::max<int64_t>(want, (P + kFoldRounds - 1) / kFoldRounds);
+      const int threads = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, (want + 31) / 32 * 32)));
       reduce_plane_kernel<T, V, Op, Epi><<<dim3(P, splits), threads, 0, stream>>>(
           xp, gp, rp, op, d, splits, reinterpret_cast<float2*>(buf.data_ptr<float>()), epi, ticket);
     } else {
