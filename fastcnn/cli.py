@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", help="fused backend: auto | triton | cuda | cpu | reference")
     s.add_argument("--keep-activations", action="store_true",
                    help="with --fused: keep each layer's activation for backward instead of rebuilding it "
-                        "(fastcnn.recompute): faster (measured on CPU: 7-14%% per ResNet-20 step), "
-                        "about 1.5-2x the activation memory")
+                        "(fastcnn.recompute): one op less per layer in backward, about unfused PyTorch's "
+                        "activation memory")
     s.add_argument("--amp", default="auto", help="auto | bf16 | fp16 | off (default auto: bf16 on GPUs of compute capability "
                         ">= 8.0, fp16 with loss scaling below 8.0, off on CPU)")
     s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
