@@ -85,3 +85,31 @@ def act_grad_from_out(y, p, ACT: tl.constexpr):
     else:
         d = tl.where(y > 0, 1.0, y + p)
     return d
+
+
+@triton.jit
+def grad_through_act(g, v, p, ACT: tl.constexpr):
+    """``g * act'(v)``, with the masked branch exactly 0 (relu) or ``g * p`` (leaky_relu, elu:
+    ``g * p * exp(v)``) as PyTorch's backward kernels select it: a non-finite ``g`` where the
+    activation cuts stays out of the gradient (``inf * 0`` would be NaN)."""
+    if ACT == 1:
+        r = tl.where(v > 0, g, 0.0)
+    elif ACT == 2:
+        r = tl.where(v > 0, g, g * p)
+    elif ACT == 3:
+        r = tl.where(v > 0, g, g * (p * tl.exp(tl.minimum(v, 0.0))))
+    else:
+        r = g * act_grad(v, p, ACT)
+    return r
+
+
+@triton.jit
+def grad_through_act_from_out(g, y, p, ACT: tl.constexpr):
+    """:func:`grad_through_act` from the output ``y = act(v)`` (:func:`grad_from_output` acts)."""
+    if ACT == 1:
+        r = tl.where(y > 0, g, 0.0)
+    elif ACT == 2:
+        r = tl.where(y > 0, g, g * p)
+    else:
+        r = g * act_grad_from_out(y, p, ACT)
+    return r

@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import act_code, act_grad, apply_act
+from .activations import act_code, apply_act, grad_through_act
 from .utils import PlanCache, as_cl, cdiv, interpreting, num_sms, pow2, rebuild_apply, scratch
 
 #: partial rows the finalize merges itself; above, ``_bn_merge_kernel`` reduces them first
@@ -208,7 +208,7 @@ def _recompute_du(dy_ptr, x_ptr, res_ptr, off, mask, mean, invstd, gam, bet, act
         v = xhat * gam[None, :] + bet[None, :]
         if HAS_RES:
             v += tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        du = du * act_grad(v, act_param, ACT)
+        du = grad_through_act(du, v, act_param, ACT)
     du = tl.where(mask, du, 0.0)
     return du, xhat
 

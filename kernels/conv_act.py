@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import act_code, act_grad, act_grad_from_out, grad_from_output
+from .activations import act_code, grad_from_output, grad_through_act, grad_through_act_from_out
 from .conv_gemm import conv_dgrad, conv_fwd, conv_geom, conv_wgrad
 from .utils import PlanCache, as_cl, cdiv, interpreting, pow2
 
@@ -55,11 +55,11 @@ def _act_bwd_kernel(dy_ptr, src_ptr, res_ptr, du_ptr, psum_ptr, M, C, act_param,
     if ACT != 0:
         s = tl.load(src_ptr + off, mask=mask, other=0.0).to(tl.float32)
         if FROM_OUT:
-            du = du * act_grad_from_out(s, act_param, ACT)
+            du = grad_through_act_from_out(du, s, act_param, ACT)
         else:
             if HAS_RES:
                 s += tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            du = du * act_grad(s, act_param, ACT)
+            du = grad_through_act(du, s, act_param, ACT)
     if STORE_DU:
         tl.store(du_ptr + off, du.to(du_ptr.dtype.element_ty), mask=mask)
     if BIAS_GRAD:

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import act_code, act_grad, apply_act
+from .activations import act_code, apply_act, grad_through_act
 from .utils import PlanCache, as_cl, cdiv, interpreting, pow2, rebuild_apply
 
 
@@ -94,7 +94,7 @@ def _se_du(dy_ptr, x_ptr, res_ptr, off, mask, gate, act_param, ACT: tl.constexpr
         v = x * gate
         if HAS_RES:
             v += tl.load(res_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        du = du * act_grad(v, act_param, ACT)
+        du = grad_through_act(du, v, act_param, ACT)
     return tl.where(mask, du, 0.0), x
 
 

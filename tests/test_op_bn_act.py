@@ -164,6 +164,48 @@ def test_bn_act_eval_needs_running_stats(backend):
                    None, None, training=False)
 
 
+@backends()
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+def test_bn_act_eval_on_an_empty_plane(backend, layout):
+    """Eval mode on an input with H * W == 0 (N > 0): an empty output and zero BN gradients, as
+    eager; the extension's kernels used to read rows of the empty tensor (a crash)."""
+    dev = backend.device
+    x = torch.randn(2, 3, 0, 4, device=dev)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    w = torch.ones(3, device=dev, requires_grad=True)
+    b = torch.zeros(3, device=dev, requires_grad=True)
+    rm, rv = torch.zeros(3, device=dev), torch.ones(3, device=dev)
+    with fastcnn.use_backend(backend.name):
+        y = ops.bn_act(x, w, b, rm, rv, training=False)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros(3, device=dev)) and torch.equal(b.grad, torch.zeros(3, device=dev))
+
+
+@backends()
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+def test_bn_act_relu_keeps_a_non_finite_gradient_out_where_it_cuts(backend, layout):
+    """relu's backward gives exactly 0 where z <= 0 whatever the incoming gradient, as eager's
+    threshold_backward: an inf there (an fp16 overflow under AMP) must not become NaN. Odd
+    sizes, so that the extension's scalar tails run too."""
+    dev = backend.device
+    x = make((2, 3, 5, 3), layout, torch.float32, dev, requires_grad=True)
+    w = torch.ones(3, device=dev)
+    b = torch.zeros(3, device=dev)
+    rm, rv = torch.zeros(3, device=dev), torch.ones(3, device=dev)
+    with fastcnn.use_backend(backend.name):
+        y = ops.bn_act(x, w, b, rm, rv, training=False)
+    cut = x.detach() <= 0
+    assert cut.any() and (~cut).any()
+    gy = torch.where(cut, torch.full_like(y, float("inf")), torch.ones_like(y))
+    y.backward(gy)
+    assert torch.equal(x.grad[cut], torch.zeros_like(x.grad[cut]))
+    assert torch.isfinite(x.grad).all()
+
+
 # =========================================================================== extension only
 
 @pytest.mark.extension

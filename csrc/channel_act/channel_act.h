@@ -36,18 +36,20 @@ struct Geom {
   int64_t per_slot() const { return O * I; }
 };
 
-// Reduction over everything but the channel: BN statistics.
+// Reduction over everything but the channel: BN statistics. An empty plane (H * W == 0) has
+// no rows either (O = 0): with I == 0 the kernels would otherwise take the row layout and read
+// N rows of an empty tensor.
 inline Geom channel_geom(const at::Tensor& x, at::MemoryFormat fmt) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   if (fmt == at::MemoryFormat::ChannelsLast) return {1, N * HW, C, 1};
-  return {1, N, C, HW};
+  return {1, HW ? N : 0, C, HW};
 }
 
-// Reduction over the spatial plane only: SE squeeze / gate.
+// Reduction over the spatial plane only: SE squeeze / gate (an empty plane: no rows, as above).
 inline Geom plane_geom(const at::Tensor& x, at::MemoryFormat fmt) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   if (fmt == at::MemoryFormat::ChannelsLast) return {N, HW, C, 1};
-  return {1, 1, N * C, HW};
+  return {1, HW ? 1 : 0, N * C, HW};
 }
 
 #define FASTCNN_DECLARE_CHANNEL_ACT(ns)                                                       \

@@ -87,4 +87,20 @@ C10_HOST_DEVICE inline float act_grad(float z, float p) {
   }
 }
 
+// gy * act'(z), with the masked branch giving exactly 0 (relu) or gy * p (leaky_relu) as
+// eager's threshold_backward / leaky_relu_backward do: a non-finite gy at a position the
+// activation cuts stays out of the gradient (inf * 0 would make it NaN).
+template <int ACT>
+C10_HOST_DEVICE inline float grad_through_act(float gy, float z, float p) {
+  if constexpr (ACT == kRelu) {
+    return z > 0.f ? gy : 0.f;
+  } else if constexpr (ACT == kLeakyRelu) {
+    return z > 0.f ? gy : gy * p;
+  } else if constexpr (ACT == kElu) {
+    return z > 0.f ? gy : gy * (p * ::expf(z));
+  } else {
+    return gy * act_grad<ACT>(z, p);
+  }
+}
+
 }  // namespace fastcnn

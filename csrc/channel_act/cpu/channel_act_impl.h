@@ -417,7 +417,7 @@ struct GradE {
     const float xv = static_cast<float>(x[off]);
     float z = xv * s.at(l) + t.at(l);
     if constexpr (RES) z += static_cast<float>(r[off]);
-    const float dz = static_cast<float>(gy[off]) * act_grad<ACT>(z, p);
+    const float dz = grad_through_act<ACT>(static_cast<float>(gy[off]), z, p);
     a += dz;
     b += dz * (xv - c.at(l));
   }
@@ -480,7 +480,7 @@ struct BackwardOp {
     const float xv = static_cast<float>(x[off]);
     float z = xv * s.at(l) + t.at(l);
     if constexpr (RES) z += static_cast<float>(r[off]);
-    const float dz = static_cast<float>(gy[off]) * act_grad<ACT>(z, p);
+    const float dz = grad_through_act<ACT>(static_cast<float>(gy[off]), z, p);
     gx[off] = static_cast<T>(s.at(l) * dz + a.at(l) * (xv - c.at(l)) + b.at(l));
     if constexpr (RES) gr[off] = static_cast<T>(dz);
   }
@@ -498,7 +498,7 @@ std::tuple<at::Tensor, at::Tensor> slot_mean_var(const at::Tensor& x, Geom g) {
   FASTCNN_DISPATCH_STORAGE(x.scalar_type(), "fastcnn_slot_mean_var", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     // shift each slot by its first element: no cancellation when |mean| >> std
-    for (int64_t p = 0; p < P; ++p) {
+    for (int64_t p = 0; p < P && g.per_slot() > 0; ++p) {  // an empty slot has no first element
       const int64_t b = p / g.G, gi = p % g.G;
       pilot[p] = static_cast<float>(xp[(b * g.O * g.G + gi) * g.I]);
     }

@@ -261,7 +261,7 @@ __global__ void act_backward_apply_kernel(const T* __restrict__ gy, const T* __r
       const float sc = __ldg(scale + s);
       float z = fmaf(xv[k], sc, __ldg(shift + s));
       if (RES) z += rv[k];
-      const float dz = gv[k] * act_grad<ACT>(z, p);
+      const float dz = grad_through_act<ACT>(gv[k], z, p);
       dzo[k] = dz;
       gxo[k] = fmaf(sc, dz, fmaf(__ldg(alpha + s), xv[k] - __ldg(center + s), __ldg(beta + s)));
     }
@@ -391,7 +391,7 @@ struct DzOp {
   __device__ void pair(const P& q, float xv, float gv, float rv, float& a, float& b) const {
     float z = fmaf(xv, q.s, q.t);
     if (RES) z += rv;
-    const float dz = gv * act_grad<ACT>(z, p);
+    const float dz = grad_through_act<ACT>(gv, z, p);
     a += dz;
     b += dz * (xv - q.c);
   }
@@ -501,7 +501,8 @@ __global__ void __launch_bounds__(kRowThreads)
 __device__ __forceinline__ void moments_of(float pilot, double a, double b, double count, float& mean, float& var) {
   const double m = a / count;
   mean = static_cast<float>(static_cast<double>(pilot) + m);
-  var = static_cast<float>(fmax(b / count - m * m, 0.0));
+  const double v = b / count - m * m;  // not fmax: it would turn a NaN variance into 0 (CPU and eager keep NaN)
+  var = static_cast<float>(v < 0.0 ? 0.0 : v);
 }
 
 // MomentsOp's sums -> mean and biased variance (slot_mean_var); with scale != nullptr
