@@ -719,6 +719,9 @@ void reduce_finalize(const at::Tensor& x, const T* xp, const T* gp, const T* rp,
       splits = static_cast<int>(std::max<int64_t>(
           1, std::min<int64_t>((d.O + rows_per_block - 1) / rows_per_block,
                                (target + gtiles * d.B - 1) / (gtiles * d.B))));
+      // d.B > 1 only for per-sample slots (the SE block's squeeze, channels_last): the grid's z
+      TORCH_CHECK_VALUE(d.B <= 65535, "fastcnn: the channels_last per-sample reduction (SE block) takes at most "
+                        "65535 samples per call on CUDA, got ", d.B, "; split the batch");
       buf = at::empty({splits, P, 2}, x.options().dtype(at::kFloat));
       reduce_rows_kernel<T, V, Op, Epi><<<dim3(gtiles, splits, d.B), kRowThreads, 0, stream>>>(
           xp, gp, rp, op, d, L, splits, reinterpret_cast<float2*>(buf.data_ptr<float>()), epi, ticket);
