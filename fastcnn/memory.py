@@ -219,10 +219,6 @@ class PeakModel:
 
     lines: tuple[tuple[float, float], ...]
 
-    @classmethod
-    def line(cls, fixed: float, per_image: float) -> "PeakModel":
-        return cls(((fixed, per_image),))
-
     @property
     def fixed(self) -> float:
         """The peak's batch-independent part: the prediction at batch 0."""

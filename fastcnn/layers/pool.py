@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from ..ops.layout import kernel_format
+
 
 class _MaxPoolRecomputeIndices(torch.autograd.Function):
     @staticmethod
@@ -55,17 +57,10 @@ class MaxPool2d(nn.MaxPool2d):
                                               self.ceil_mode)
 
 
-def suggested_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when ``x`` is laid out so (and not also plain contiguous), else contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 class _GlobalAvgPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        ctx.shape, ctx.format = x.shape, suggested_format(x)
+        ctx.shape, ctx.format = x.shape, kernel_format(x)
         return x.mean(dim=(2, 3), keepdim=True)
 
     @staticmethod

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import ConvBnAct, GlobalAvgPool2d
-from ..layers.pool import suggested_format
+from ..ops.layout import kernel_format
 from ..layers.weight_init import init_he
 from ..registry import register_model
 
@@ -29,7 +29,7 @@ class _ShortcutA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, stride: int, pad_lo: int, pad_hi: int):
-        ctx.shape, ctx.geometry, ctx.format = x.shape, (stride, pad_lo, pad_hi), suggested_format(x)
+        ctx.shape, ctx.geometry, ctx.format = x.shape, (stride, pad_lo, pad_hi), kernel_format(x)
         return _shortcut_a(x, stride, pad_lo, pad_hi)
 
     @staticmethod

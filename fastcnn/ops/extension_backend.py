@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..recompute import active as _rebuild_active, mark_rebuildable
+from .layout import kernel_format
 from .names import OPS
 
 OPS_IN_EXTENSION = OPS
@@ -62,15 +63,8 @@ def unavailable_reason(op: str, device_type: str, backend: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- fake impls
-def _kernel_format(x: torch.Tensor) -> torch.memory_format:
-    """Mirror of ``kernel_format`` in csrc/include/common.h: the layout of the kernels' outputs."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _like(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_kernel_format(x))
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=kernel_format(x))
 
 
 def _none_grad(x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +122,7 @@ def _register_fakes() -> None:
         k, _ci, kh, kw = weight.shape
         oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
         ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        return torch.empty((n, k, oh, ow), dtype=x.dtype, device=x.device, memory_format=_kernel_format(x))
+        return torch.empty((n, k, oh, ow), dtype=x.dtype, device=x.device, memory_format=kernel_format(x))
 
     @torch.library.register_fake(lib + "bn_act")
     def _(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act, act_param):
