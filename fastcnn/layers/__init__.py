@@ -37,11 +37,10 @@ def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
 
 
 def _lone_op(model: nn.Module) -> bool:
-    """Whether ``model``'s fused forward is a single op on its input (see :func:`set_fused`)."""
-    if isinstance(model, (MaxPool2d, GlobalAvgPool2d)):
-        return True
-    return (isinstance(model, FUSABLE_LAYERS) and not isinstance(model, BnActConv)
-            and fused_act_name(model.act) is not None)
+    """Whether ``model``'s fused forward is a single op on its input (see :func:`set_fused`):
+    its class says so (``single_op``) and the kernels apply its activation, if it has one."""
+    act = getattr(model, "act", None)
+    return getattr(type(model), "single_op", False) and (act is None or fused_act_name(act) is not None)
 
 
 __all__ = ["create_act", "fused_act_name", "list_activations", "FUSED_ACTIVATIONS", "ConvBnAct",

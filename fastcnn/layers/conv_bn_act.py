@@ -84,6 +84,9 @@ class _Fusable(nn.Module):
     """
 
     fused: bool = False
+    #: the fused forward is one op on the layer's input (a lone such layer needs no rebuild
+    #: hooks: fastcnn.layers.set_fused); False for a layer that chains two
+    single_op: bool = True
 
     def extra_repr(self) -> str:
         return "fused=True" if self.fused else ""
@@ -176,6 +179,8 @@ class BnAct(_Fusable):
 class BnActConv(_Fusable):
     """Pre-activation unit. Fused, the BN+activation runs as one kernel that saves only its
     input for backward; the convolution follows (``conv_act`` with no activation)."""
+
+    single_op = False  # two ops: the convolution keeps the BN+activation output (a recipe)
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size=3, stride=1, padding=None,
                  dilation=1, groups=1, bias=False, act: ActSpec = "relu",

@@ -49,6 +49,7 @@ class MaxPool2d(nn.MaxPool2d):
     its indices in backward instead of keeping them."""
 
     fused: bool = False
+    single_op = True  # one op: set_fused gives a lone pool no rebuild hooks
 
     def forward(self, x):
         if not self.fused or self.return_indices or not (torch.is_grad_enabled() and x.requires_grad):
@@ -74,6 +75,7 @@ class GlobalAvgPool2d(nn.AdaptiveAvgPool2d):
     memory format (one pass) instead of NCHW (which the next kernel had to copy)."""
 
     fused: bool = False
+    single_op = True  # one op: set_fused gives a lone pool no rebuild hooks
 
     def __init__(self):
         super().__init__(1)
