@@ -223,7 +223,7 @@ def mark_rebuildable(y: torch.Tensor, fn: Callable[..., torch.Tensor], *args, in
         for i in inputs:
             a = args[i]
             if a is not None:
-                c = captured[i] = _recipe_of(a) or _Kept(a)
+                c = captured[i] = capture(a)
                 depth = max(depth, c.depth)
                 slots.append(i)
     depth += 1
