@@ -20,9 +20,16 @@ import pytest
 import torch
 
 import fastcnn
+from fastcnn import cpu_memory
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
+
+# CPU runs measure with malloc keeping freed memory, as `python -m fastcnn.train` trains on the
+# CPU (fastcnn.cpu_memory: no page faults re-mapping each step's activations), for every
+# variant alike; FASTCNN_BENCH_MALLOC=default measures with the C library's defaults.
+if not CUDA and os.environ.get("FASTCNN_BENCH_MALLOC", "keep") != "default":
+    cpu_memory.retain_freed_memory()
 
 
 def amp_dtype() -> torch.dtype | None:
@@ -101,6 +108,7 @@ def environment() -> dict:
         "torch": torch.__version__, "triton": triton_version, "fastcnn": fastcnn.__version__,
         "python": platform.python_version(), "threads": torch.get_num_threads(),
         "dtype": dtype_name(), "date": datetime.date.today().isoformat(), "command": command(),
+        "malloc": None if CUDA else cpu_memory.status(),
     }
 
 

@@ -107,6 +107,8 @@ def stamp(group):
     if first.get("triton"):
         bits.append(f"Triton {first['triton']}")
     bits.append(f"{first['threads']} thread{'s' if first['threads'] != 1 else ''}")
+    if first.get("malloc"):
+        bits.append(first["malloc"])
     dates = sorted({r["date"] for r in group})
     bits.append(dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}")
     return ", ".join(bits)

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across DDP processes")
     s.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     s.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
+    s.add_argument("--keep-cpu-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU runs: have malloc keep the memory a step frees instead of returning it to the "
+                        "system and faulting it in again next step (fastcnn.cpu_memory; glibc only; default on)")
     o = p.add_argument_group("run and output")
     o.add_argument("--out-dir", default="runs", help="parent of the run folders (default runs/)")
     o.add_argument("--name", help="run folder name (default MODEL-DATASET, made unique)")

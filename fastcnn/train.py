@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import memory, memory_plan, recompute
+from . import cpu_memory, memory, memory_plan, recompute
 from . import BackendUnavailableError
 # the command line; re-exported here for the callers that have always imported them from fastcnn.train
 from .cli import (FROZEN_ON_RESUME, OPTIMIZERS, OneLineParser, UsageError, _amp_dtype,  # noqa: F401
@@ -213,6 +213,8 @@ def _environment(args, rec: Recipe) -> Env:
         if args.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if device.type == "cpu" and args.keep_cpu_memory:
+        cpu_memory.retain_freed_memory()
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     elif device.type == "cuda":
@@ -429,6 +431,8 @@ def _announce(log: RunLog, args, rec: Recipe, env: Env, data: Data, raw_model, m
              f"({ds.train_labels.shape[0]} train / {ds.test_labels.shape[0]} test images), {env.device}"
              f"{f' x{env.world}' if env.world > 1 else ''}, fused={args.fused} backend={fastcnn.get_backend()} "
              f"amp={env.amp_name}{' cuda-graphs' if args.cuda_graphs else ''}; {where}")
+    if env.device.type == "cpu":
+        log.line(cpu_memory.status())
     log.line(f"recipe: {rec.epochs} epochs, batch {rec.batch_size}, {rec.optimizer} lr {rec.lr:g}, "
              f"{rec.schedule}, wd {rec.weight_decay:g}, crop {rec.crop_padding} flip {rec.flip} "
              f"cutout {rec.cutout} ({rec.source})")

@@ -5,6 +5,7 @@ plus the schedules, recipes, evaluation and BN folding as units."""
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -69,6 +70,8 @@ def test_lenet_learns_real_cifar10(cifar_dir, tmp_path, capsys):
     assert {"config.json", "checkpoint_last.pt", "checkpoint_best.pt"} <= set(os.listdir(run))
     out = capsys.readouterr().out
     assert "epoch  10/10" in out and "done: test accuracy" in out
+    # a CPU run keeps freed memory in the process (fastcnn.cpu_memory) and says so
+    assert ("malloc keeps freed memory" in out) == (platform.libc_ver()[0] == "glibc"), out
 
     # the evaluator rebuilds the model and normalisation from the checkpoint: same number
     from fastcnn.evaluate import main as evaluate_main
