@@ -67,6 +67,23 @@ def test_fused_plumbing_matches_reference(make, train):
         torch.testing.assert_close(bf, br, msg=n)
 
 
+@pytest.mark.parametrize("make", LAYERS)
+def test_fused_layer_reads_parametrized_weights(make):
+    """The fused path reads plain submodules' parameters from their dicts (cheaper than
+    attributes); a parametrized submodule (weight norm here: its class is swapped) must still
+    give its computed weight, as the unfused path does."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    ref = make()
+    for m in list(ref.modules()):
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            weight_norm(m)
+    ref, fused = _pair(ref)
+    x = torch.randn(2, _in_chs(ref), 9, 9)
+    with fastcnn.use_backend("cpu"):
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
 def test_residual_goes_before_activation():
     layer = ConvBnAct(4, 4, 3)
     x, res = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)

@@ -52,12 +52,29 @@ def bn_args(bn: nn.BatchNorm2d) -> dict:
     training = bn.training or not bn.track_running_stats
     momentum = 0.0
     if bn.training and bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        counter = bn._buffers["num_batches_tracked"] if type(bn) is nn.BatchNorm2d else bn.num_batches_tracked
+        counter.add_(1)
+        momentum = 1.0 / float(counter) if bn.momentum is None else bn.momentum
     return dict(training=training, momentum=momentum, eps=bn.eps)
 
 
+# The tensors of a layer's submodules, read on every fused call. A plain nn.Conv2d / nn.Linear /
+# nn.BatchNorm2d is read from its parameter and buffer dicts: an attribute read goes through
+# nn.Module.__getattr__, a Python call of about 0.5 us, and a fused layer made seven of them (a
+# tenth of its host time, training forward+backward, at CIFAR sizes). Any other class -- a
+# subclass, or a module torch.nn.utils.parametrize has rewritten (it swaps in a subclass whose
+# property computes the weight) -- is read by attribute.
+def _weight_bias(m: nn.Module, plain: type):
+    if type(m) is plain:
+        p = m._parameters
+        return p["weight"], p["bias"]
+    return m.weight, m.bias
+
+
 def _bn_tensors(bn: nn.BatchNorm2d):
+    if type(bn) is nn.BatchNorm2d:
+        p, b = bn._parameters, bn._buffers
+        return p["weight"], p["bias"], b["running_mean"], b["running_var"]
     return bn.weight, bn.bias, bn.running_mean, bn.running_var
 
 
@@ -153,10 +170,11 @@ class ConvBnAct(_Fusable):
             if residual is not None:
                 y = y + residual
             return self.act(y)
-        conv = self.conv
-        return self._fused("conv_bn_act", self.act, x, (conv.weight, conv.bias, *_bn_tensors(self.bn)),
+        mods = self._modules
+        conv, bn = mods["conv"], mods["bn"]
+        return self._fused("conv_bn_act", mods["act"], x, (*_weight_bias(conv, nn.Conv2d), *_bn_tensors(bn)),
                            dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                                groups=conv.groups, **bn_args(self.bn)), residual)
+                                groups=conv.groups, **bn_args(bn)), residual)
 
 
 class BnAct(_Fusable):
@@ -173,7 +191,9 @@ class BnAct(_Fusable):
             if residual is not None:
                 y = y + residual
             return self.act(y)
-        return self._fused("bn_act", self.act, x, _bn_tensors(self.bn), bn_args(self.bn), residual)
+        mods = self._modules
+        bn = mods["bn"]
+        return self._fused("bn_act", mods["act"], x, _bn_tensors(bn), bn_args(bn), residual)
 
 
 class BnActConv(_Fusable):
@@ -197,9 +217,10 @@ class BnActConv(_Fusable):
         if not self.fused:
             y = self.conv(self.act(self.bn(x)))
             return y if residual is None else y + residual
-        conv = self.conv
-        h = self._fused("bn_act", self.act, x, _bn_tensors(self.bn), bn_args(self.bn))
-        return self._fused("conv_act", _IDENTITY, h, (conv.weight, conv.bias),
+        mods = self._modules
+        conv, bn = mods["conv"], mods["bn"]
+        h = self._fused("bn_act", mods["act"], x, _bn_tensors(bn), bn_args(bn))
+        return self._fused("conv_act", _IDENTITY, h, _weight_bias(conv, nn.Conv2d),
                            dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                                 groups=conv.groups), residual)
 
@@ -223,7 +244,8 @@ class ConvAct(_Fusable):
             if residual is not None:
                 y = y + residual
             return self.act(y)
-        conv = self.conv
-        return self._fused("conv_act", self.act, x, (conv.weight, conv.bias),
+        mods = self._modules
+        conv = mods["conv"]
+        return self._fused("conv_act", mods["act"], x, _weight_bias(conv, nn.Conv2d),
                            dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                                 groups=conv.groups), residual)

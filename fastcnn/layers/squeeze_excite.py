@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import ActSpec, create_act
-from .conv_bn_act import _Fusable
+from .conv_bn_act import _Fusable, _weight_bias
 
 
 class SqueezeExcite(_Fusable):
@@ -28,5 +28,7 @@ class SqueezeExcite(_Fusable):
             if residual is not None:
                 y = y + residual
             return self.act(y)
-        return self._fused("se_block", self.act, x,
-                           (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias), {}, residual)
+        mods = self._modules
+        return self._fused("se_block", mods["act"], x,
+                           (*_weight_bias(mods["fc1"], nn.Linear), *_weight_bias(mods["fc2"], nn.Linear)), {},
+                           residual)
