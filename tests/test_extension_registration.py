@@ -18,7 +18,7 @@ pytestmark = pytest.mark.extension
 OP_NAMES = ("bn_act_forward", "bn_act_apply", "bn_act_backward", "scale_shift_act", "scale_shift_act_backward",
             "se_block_forward", "se_block_backward", "grouped_conv2d", "grouped_conv2d_backward",
             # the composite layer ops (autograd in C++; CompositeExplicitAutograd below it)
-            "bn_act", "conv_bn_act", "conv_act", "se_block")
+            "bn_act", "conv_bn_act", "conv_act", "se_block", "bn_act_conv")
 
 
 def op_cases(device="cpu", layout="nchw", dtype=torch.float32):
@@ -73,6 +73,14 @@ def op_cases(device="cpu", layout="nchw", dtype=torch.float32):
         ("conv_act", (cx, cw, vec(8).to(dtype), None, *conv, "identity", 0.0)),
         ("se_block", (x, fc1w, fc1b, fc2w, fc2b, r, "relu", 0.0)),
         ("se_block", (x, fc1w, None, fc2w, None, None, "gelu", 0.0)),
+        # the pre-activation unit: x is cx (8 channels), the convolution 8 -> 8 in 4 groups
+        ("bn_act_conv", (cx, vec(8, 0.5), vec(8), torch.zeros(8, device=device), torch.ones(8, device=device), cw,
+                         None, None, *conv, True, 0.1, 1e-5, "relu", 0.0, True)),
+        ("bn_act_conv", (cx, vec(8, 0.5), vec(8), torch.zeros(8, device=device), torch.ones(8, device=device), cw,
+                         vec(8).to(dtype), act((2, 8, 5, 4)).requires_grad_(), *conv, False, 0.0, 1e-5, "silu",
+                         0.0, True)),
+        ("bn_act_conv", (cx, vec(8, 0.5), vec(8), torch.zeros(8, device=device), torch.ones(8, device=device), cw,
+                         None, act((2, 8, 5, 4)).requires_grad_(), *conv, True, 0.1, 1e-5, "gelu", 0.0, False)),
     ]
     # the backward ops and bn_act_apply (used inside backward, to rebuild) are not
     # differentiable (autograd falls through them): plain inputs
@@ -96,7 +104,7 @@ def test_opcheck(case, layout):
 #: The composites are eager-only: under torch.compile the backend traces their parts (see
 #: fastcnn/ops/extension_backend.py), since their C++ reads concrete sizes; so no
 #: dynamic-shape AOT dispatch check for them (schema, fake tensor, autograd registration yes).
-COMPOSITES = ("bn_act", "conv_bn_act", "conv_act", "se_block")
+COMPOSITES = ("bn_act", "conv_bn_act", "conv_act", "se_block", "bn_act_conv")
 
 
 def _utils(name):

@@ -144,17 +144,18 @@ def test_nothing_marked_outside_a_fused_model_or_without_grad(backend):
 
 def test_lone_one_op_layers_get_no_hooks():
     """set_fused on a lone layer that is one fused op installs no rebuild hooks (nothing inside
-    it could keep a recipe); a layer whose fused path is two ops (BnActConv), one with an
-    activation applied after the kernel, and any container get them."""
+    it could keep a recipe) -- the pre-activation unit BnActConv included, one composed op; a
+    layer whose fused path is two ops (an activation applied after the kernel) and any
+    container get them."""
     from fastcnn.layers import BnAct, ConvAct, GlobalAvgPool2d, MaxPool2d, SqueezeExcite
 
     def hooked(m):
         return getattr(set_fused(m, True), recompute._HANDLES, None) is not None
 
     for lone in (ConvBnAct(4, 4), BnAct(4), ConvAct(4, 4), SqueezeExcite(8, reduction=4), MaxPool2d(2),
-                 GlobalAvgPool2d()):
+                 GlobalAvgPool2d(), BnActConv(4, 4)):
         assert not hooked(lone), type(lone).__name__
-    assert hooked(BnActConv(4, 4))
+    assert hooked(BnActConv(4, 4, act="tanh"))
     assert hooked(ConvBnAct(4, 4, act="tanh"))  # tanh runs after the kernel and saves its input
     assert hooked(nn.Sequential(ConvBnAct(4, 4)))
     layer = set_fused(nn.Sequential(ConvBnAct(4, 4)), True)[0]

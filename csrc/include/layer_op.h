@@ -49,6 +49,9 @@ FASTCNN_OP_HANDLE(op_bn_act_backward, "fastcnn::bn_act_backward",
                   std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                              const Tensor&, const OptT&, const Tensor&,
                                                              const Tensor&, double, c10::string_view, double))
+FASTCNN_OP_HANDLE(op_bn_act_apply, "fastcnn::bn_act_apply",
+                  Tensor(const Tensor&, const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&,
+                         double, c10::string_view, double))
 FASTCNN_OP_HANDLE(op_scale_shift_act, "fastcnn::scale_shift_act",
                   Tensor(const Tensor&, const OptT&, const OptT&, const OptT&, c10::string_view, double))
 FASTCNN_OP_HANDLE(op_scale_shift_act_backward, "fastcnn::scale_shift_act_backward",

@@ -79,7 +79,8 @@ def _bn_tensors(bn: nn.BatchNorm2d):
 
 
 _CHECKS = {"conv_bn_act": ops.check_conv_bn_act, "bn_act": ops.check_bn_act,
-           "conv_act": ops.check_conv_act, "se_block": ops.check_se_block}
+           "conv_act": ops.check_conv_act, "se_block": ops.check_se_block,
+           "bn_act_conv": ops.check_bn_act_conv}
 
 
 def _cast(t, dtype):
@@ -149,6 +150,8 @@ def _cast_params(op: str, params: tuple, dtype) -> tuple:
         return (_cast(params[0], dtype), _cast(params[1], dtype), *params[2:])
     if op == "se_block":
         return tuple(_cast(p, dtype) for p in params)
+    if op == "bn_act_conv":
+        return (*params[:4], _cast(params[4], dtype), _cast(params[5], dtype))
     return params
 
 
@@ -197,10 +200,10 @@ class BnAct(_Fusable):
 
 
 class BnActConv(_Fusable):
-    """Pre-activation unit. Fused, the BN+activation runs as one kernel that saves only its
-    input for backward; the convolution follows (``conv_act`` with no activation)."""
-
-    single_op = False  # two ops: the convolution keeps the BN+activation output (a recipe)
+    """Pre-activation unit. Fused, one op (``bn_act_conv``, :mod:`fastcnn.ops.composed`): the
+    BN+activation kernel, which saves only its input for backward, then the convolution, which
+    -- in the extension's composite -- rebuilds the BN+activation output in backward instead of
+    keeping it. An activation the kernels lack runs as two ops with the module between."""
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size=3, stride=1, padding=None,
                  dilation=1, groups=1, bias=False, act: ActSpec = "relu",
@@ -218,8 +221,12 @@ class BnActConv(_Fusable):
             y = self.conv(self.act(self.bn(x)))
             return y if residual is None else y + residual
         mods = self._modules
-        conv, bn = mods["conv"], mods["bn"]
-        h = self._fused("bn_act", mods["act"], x, _bn_tensors(bn), bn_args(bn))
+        conv, bn, act = mods["conv"], mods["bn"], mods["act"]
+        if self._act(act)[2] is None:  # the kernels apply the activation
+            return self._fused("bn_act_conv", act, x, (*_bn_tensors(bn), *_weight_bias(conv, nn.Conv2d)),
+                               dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                    groups=conv.groups, **bn_args(bn)), residual)
+        h = self._fused("bn_act", act, x, _bn_tensors(bn), bn_args(bn))
         return self._fused("conv_act", _IDENTITY, h, _weight_bias(conv, nn.Conv2d),
                            dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                                 groups=conv.groups), residual)

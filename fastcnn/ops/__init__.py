@@ -6,6 +6,8 @@ Every op computes exactly what its twin in :mod:`fastcnn.ops.reference` computes
 * ``bn_act``       act(BN(x) [+ residual])                   -- pre-activation prologue
 * ``conv_act``     act(conv(x) + bias [+ residual])          -- layers without BN
 * ``se_block``     act(x * sigmoid(fc2(relu(fc1(mean(x))))) [+ residual])
+and one composed of two of them (:mod:`.composed`), one op where the backend has it:
+* ``bn_act_conv``  conv(act(BN(x))) + bias [+ residual]       -- the pre-activation unit
 
 In training mode BN uses batch statistics and updates ``running_mean``/``running_var`` in
 place with ``momentum`` (the already-resolved factor: the layer handles ``momentum=None``
@@ -29,8 +31,9 @@ from . import dispatch
 from .dispatch import implementation
 from .names import ACTIVATIONS, OPS
 
-__all__ = ["conv_bn_act", "bn_act", "conv_act", "se_block", "OPS", "ACTIVATIONS", "implementation",
-           "check_conv_bn_act", "check_bn_act", "check_conv_act", "check_se_block"]
+__all__ = ["conv_bn_act", "bn_act", "conv_act", "se_block", "bn_act_conv", "OPS", "ACTIVATIONS",
+           "implementation", "check_conv_bn_act", "check_bn_act", "check_conv_act", "check_se_block",
+           "check_bn_act_conv"]
 
 
 def _check_tensor(name, t, *, ndim=None, ref=None, optional=False):
@@ -208,3 +211,24 @@ def check_se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=No
 def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, **kwargs):
     kw = check_se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, **kwargs)
     return _dispatch("se_block", x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, **kw)
+
+
+def check_bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, *, stride=1,
+                      padding=0, dilation=1, groups=1, training=True, momentum=0.1, eps=1e-5, act="relu",
+                      act_param=0.0, residual=None) -> dict:
+    """The checks of :func:`bn_act_conv` (those of its two parts: the convolution's input has
+    x's shape, dtype and device); returns its keyword arguments, normalised."""
+    bn = check_bn_act(x, bn_weight, bn_bias, running_mean, running_var, training=training, momentum=momentum,
+                      eps=eps, act=act, act_param=act_param)
+    conv = check_conv_act(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                          act="identity", residual=residual)
+    return dict(stride=conv["stride"], padding=conv["padding"], dilation=conv["dilation"], groups=groups,
+                training=training, momentum=bn["momentum"], eps=bn["eps"], act=act, act_param=bn["act_param"],
+                residual=residual)
+
+
+def bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, **kwargs):
+    """``conv(act(BN(x))) + bias [+ residual]``: the pre-activation unit, ``bn_act`` then
+    ``conv_act`` with no activation, as one op where the backend has it (:mod:`.composed`)."""
+    kw = check_bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, **kwargs)
+    return _dispatch("bn_act_conv", x, bn_weight, bn_bias, running_mean, running_var, weight, bias, **kw)

@@ -23,6 +23,7 @@ import torch
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 
+from .composed import COMPOSED, chain
 from .names import OPS
 
 #: Compute capability from which Triton's ``tl.dot`` runs on tensor cores (mma); below it
@@ -266,19 +267,42 @@ def clear_cache() -> None:
 def implementation(op: str, device):
     """The function implementing ``op`` on ``device`` (a device type or a ``torch.device``).
     Eager calls hit a dictionary (one lookup per layer call); under ``torch.compile`` the choice
-    goes through :func:`resolve_name`, a constant for the traced graph."""
+    goes through :func:`resolve_name`, a constant for the traced graph. ``op`` may also be a
+    composed op (:mod:`.composed`)."""
     if torch.compiler.is_compiling():
-        if isinstance(device, torch.device):
-            return _MODULES[resolve_name(op, device.type, device.index)].IMPLEMENTATIONS[op]
-        return _MODULES[resolve_name(op, device)].IMPLEMENTATIONS[op]
+        if op in COMPOSED:
+            return _composed(op, [implementation(part, device) for part in COMPOSED[op]],
+                             [_traced_name(part, device) for part in COMPOSED[op]])
+        return _MODULES[_traced_name(op, device)].IMPLEMENTATIONS[op]
     if isinstance(device, torch.device):
         key = (op, device.type, device.index, get_backend())
     else:
         key = (op, device, None, get_backend())
     fn = _RESOLVED.get(key)
     if fn is None:
-        fn = _RESOLVED[key] = resolve(op, device)[1]
+        if op in COMPOSED:
+            parts = [resolve(part, device) for part in COMPOSED[op]]
+            fn = _composed(op, [impl for _, impl in parts], [name for name, _ in parts])
+        else:
+            fn = resolve(op, device)[1]
+        _RESOLVED[key] = fn
     return fn
+
+
+def _traced_name(op: str, device) -> str:
+    if isinstance(device, torch.device):
+        return resolve_name(op, device.type, device.index)
+    return resolve_name(op, device)
+
+
+def _composed(op: str, impls: list, backends: list[str]):
+    """A composed op: the backend's own one when every part resolves to that backend and it
+    has it, else the parts' implementations chained."""
+    if len(set(backends)) == 1:
+        own = _module(backends[0]).IMPLEMENTATIONS.get(op)
+        if own is not None:
+            return own
+    return chain(op, *impls)
 
 
 def resolve(op: str, device):

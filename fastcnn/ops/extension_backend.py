@@ -2,7 +2,8 @@
 registered with the dispatcher as ``torch.ops.fastcnn.*`` (schemas in ``csrc/ops/<family>/``).
 
 This module is the only Python code that talks to the extension. Each public op is one call of
-a composite C++ op -- ``conv_bn_act``, ``bn_act``, ``conv_act``, ``se_block`` -- whose autograd
+a composite C++ op -- ``conv_bn_act``, ``bn_act``, ``conv_act``, ``se_block``, and the composed
+``bn_act_conv`` (fastcnn/ops/composed.py) -- whose autograd
 is written in C++ (csrc/ops/conv_layers/, csrc/ops/bn_act/, csrc/ops/se_block/): one dispatcher
 call forward and one autograd node backward per fused layer,
 the running statistics updated and eval-mode BN folded inside the op. The convolution runs
@@ -142,6 +143,11 @@ def _register_fakes() -> None:
             (act == "elu" and act_param > 0)
         return _like(z), (x.new_empty(0) if from_output else z)
 
+    @torch.library.register_fake(lib + "bn_act_conv")
+    def _(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, residual, stride, padding, dilation,
+          groups, training, momentum, eps, act, act_param, rebuild=True):
+        return _conv_out(x, weight, stride, padding, dilation)
+
     @torch.library.register_fake(lib + "se_block")
     def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param):
         return _like(x)
@@ -229,7 +235,7 @@ def _register_autograd() -> None:
 
 def _load() -> tuple[str, ...]:
     ext, _ = _extension()
-    if ext is None or not all(hasattr(torch.ops.fastcnn, op) for op in ("bn_act_forward", *OPS)):
+    if ext is None or not all(hasattr(torch.ops.fastcnn, op) for op in ("bn_act_forward", "bn_act_conv", *OPS)):
         return ()
     _register_fakes()
     _register_autograd()
@@ -351,6 +357,23 @@ def conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act=
     return y
 
 
+def bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, *, stride=1, padding=0,
+                dilation=1, groups=1, training=True, momentum=0.1, eps=1e-5, act="relu", act_param=0.0,
+                residual=None):
+    """The pre-activation unit as one composite (csrc/ops/conv_layers/bn_act_conv.cpp): inside a
+    fused model's forward (the rebuild hooks active) its convolution's node rebuilds the
+    BN+activation output in C++ instead of keeping it, so nothing is marked here; elsewhere
+    (a lone unit, ``--keep-activations``) it keeps it, as unfused PyTorch."""
+    if torch.compiler.is_compiling():
+        h = _traced_bn_act(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, act,
+                           act_param, None)
+        return _traced_conv_act(h, weight, bias, residual, _pair(stride), _pair(padding), _pair(dilation), groups,
+                                "identity", 0.0)
+    return torch.ops.fastcnn.bn_act_conv.default(x, bn_weight, bn_bias, running_mean, running_var, weight, bias,
+                                                 residual, _pair(stride), _pair(padding), _pair(dilation), groups,
+                                                 training, momentum, eps, act, act_param, _rebuild_active())
+
+
 def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, act="relu",
              act_param=0.0):
     if torch.compiler.is_compiling():
@@ -367,4 +390,5 @@ def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, ac
 
 
 #: this backend's ops (dispatch looks them up here)
-IMPLEMENTATIONS = {"conv_bn_act": conv_bn_act, "bn_act": bn_act, "conv_act": conv_act, "se_block": se_block}
+IMPLEMENTATIONS = {"conv_bn_act": conv_bn_act, "bn_act": bn_act, "conv_act": conv_act, "se_block": se_block,
+                   "bn_act_conv": bn_act_conv}

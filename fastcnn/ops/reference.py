@@ -64,5 +64,16 @@ def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, ac
     return activation(y, act, act_param)
 
 
+def bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, *, stride=1, padding=0,
+                dilation=1, groups=1, training=True, momentum=0.1, eps=1e-5, act="relu", act_param=0.0,
+                residual=None):
+    """The pre-activation unit (fastcnn.ops.composed): ``bn_act`` then a convolution."""
+    h = bn_act(x, bn_weight, bn_bias, running_mean, running_var, training=training, momentum=momentum, eps=eps,
+               act=act, act_param=act_param)
+    return conv_act(h, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                    act="identity", residual=residual)
+
+
 #: this backend's ops (dispatch looks them up here)
-IMPLEMENTATIONS = {"conv_bn_act": conv_bn_act, "bn_act": bn_act, "conv_act": conv_act, "se_block": se_block}
+IMPLEMENTATIONS = {"conv_bn_act": conv_bn_act, "bn_act": bn_act, "conv_act": conv_act, "se_block": se_block,
+                   "bn_act_conv": bn_act_conv}

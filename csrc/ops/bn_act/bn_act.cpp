@@ -54,10 +54,6 @@ TORCH_LIBRARY_IMPL(fastcnn, Autograd, m) {
 namespace fastcnn {
 
 // ----------------------------------------------------------------------- the layer semantics
-FASTCNN_OP_HANDLE(op_bn_act_apply, "fastcnn::bn_act_apply",
-                  Tensor(const Tensor&, const Tensor&, const Tensor&, const OptT&, const Tensor&, const Tensor&,
-                         double, c10::string_view, double))
-
 namespace {
 
 // Whether the layer may run the primitive's code directly instead of calling it through the
