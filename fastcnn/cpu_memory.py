@@ -18,12 +18,20 @@ What :func:`retain_freed_memory` sets (glibc's ``mallopt``, process-wide, from t
 The cost: the process's resident memory stays near its peak instead of falling between steps
 (as on a GPU). Setting either also turns glibc's own threshold adjustment off. Other C
 libraries (musl, macOS, Windows) are left alone, and the function says why.
+
+Whether it pays on a given machine: ``python -m fastcnn.cpu_memory resnet20 --batch 64
+[--fused]`` runs a few training steps with the C library's defaults and with the settings,
+each in a fresh process, and prints the page faults and the time per step.
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import platform
+import statistics
+import subprocess
+import sys
 
 # mallopt parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -68,3 +76,71 @@ def status() -> str:
         return "malloc defaults"
     return (f"malloc keeps freed memory (mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold "
             f"{TRIM_THRESHOLD >> 20} MiB)") if _applied else f"malloc defaults ({_reason})"
+
+
+# ------------------------------------------------------------------ measuring it (the CLI)
+# A few training steps of a zoo model in a fresh process (the malloc settings are process-wide
+# and permanent): one line per step after the warm-up, "<minor page faults> <seconds>".
+_STEPS = """
+import resource, sys, time, torch
+import fastcnn
+from fastcnn import cpu_memory
+name, batch, fused, keep, threads, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1", \
+    int(sys.argv[5]), int(sys.argv[6])
+if keep and not cpu_memory.retain_freed_memory()[0]:
+    sys.exit("not applied: " + cpu_memory.retain_freed_memory()[1])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+model = fastcnn.set_fused(fastcnn.create_model(name), fused).to(memory_format=torch.channels_last).train()
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+x = torch.randn(batch, *fastcnn.model_info(name).input_size).contiguous(memory_format=torch.channels_last)
+y = torch.randint(0, 10, (batch,))
+for i in range(steps + 2):
+    faults, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    if i >= 2:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, time.perf_counter() - t)
+"""
+
+
+def measure_steps(model: str, batch: int, *, fused: bool, keep: bool, threads: int = 1,
+                  steps: int = 8) -> list[tuple[int, float]]:
+    """``(minor page faults, seconds)`` of each of ``steps`` training steps of ``model`` (after
+    two warm-up steps) in a fresh process, with freed memory kept (``keep``) or malloc's
+    defaults."""
+    out = subprocess.run([sys.executable, "-c", _STEPS, model, str(batch), str(int(fused)), str(int(keep)),
+                          str(threads), str(steps)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the measuring process failed: {out.stderr.strip().splitlines()[-1:]}")
+    return [(int(f), float(t)) for f, t in (line.split() for line in out.stdout.splitlines())]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastcnn.cpu_memory",
+                                description="Page faults and time per CPU training step, with malloc's defaults "
+                                            "and with freed memory kept (what fastcnn.train does on the CPU).")
+    p.add_argument("model", nargs="?", default="resnet20")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--fused", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2, help="alternate the two settings this many times")
+    args = p.parse_args(argv)
+    results: dict[bool, list[tuple[int, float]]] = {False: [], True: []}
+    for _ in range(args.rounds):  # alternated: both settings see the same machine load
+        for keep in (False, True):
+            results[keep] += measure_steps(args.model, args.batch, fused=args.fused, keep=keep,
+                                           threads=args.threads, steps=args.steps)
+    print(f"{args.model} batch {args.batch} {'fused' if args.fused else 'eager'}, {args.threads} thread(s), "
+          f"median of {args.steps * args.rounds} steps:")
+    for keep, label in ((False, "malloc defaults"), (True, "freed memory kept")):
+        faults = statistics.median(f for f, _ in results[keep])
+        ms = statistics.median(t for _, t in results[keep]) * 1e3
+        print(f"  {label:18s} {faults:8.0f} page faults/step  {ms:8.1f} ms/step")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,7 +6,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -14,44 +13,15 @@ from fastcnn import cpu_memory
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
-# A few ResNet-20 training steps in a fresh process (the malloc settings are process-wide);
-# prints the minor page faults of each step after two warm-up steps.
-_STEPS = textwrap.dedent("""
-    import resource, sys, torch
-    import fastcnn
-    from fastcnn import cpu_memory
-    if sys.argv[1] == "keep":
-        print("applied", cpu_memory.retain_freed_memory())
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = fastcnn.set_fused(fastcnn.create_model("resnet20"), sys.argv[2] == "fused")
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    for i in range(int(sys.argv[3])):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        if i >= 2:
-            print("faults", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-""")
-
-
-def _faults(mode: str, variant: str) -> tuple[list[int], str]:
-    out = subprocess.run([sys.executable, "-c", _STEPS, mode, variant, "10"], capture_output=True, text=True,
-                         check=True).stdout
-    return [int(line.split()[1]) for line in out.splitlines() if line.startswith("faults")], out
-
 
 @pytest.mark.skipif(not GLIBC, reason="the settings are glibc's mallopt")
-@pytest.mark.parametrize("variant", ["eager", "fused"])
-def test_kept_memory_steps_take_no_page_faults(variant):
-    kept, out = _faults("keep", variant)
-    assert "applied (True, '')" in out
-    default, _ = _faults("default", variant)
-    # a step allocates every activation anew (MiBs at batch 32): with the heap kept, a typical
-    # step faults none of it in again (now and then the heap grows by a few hundred pages);
-    # with glibc's defaults every step faults thousands of pages
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_kept_memory_steps_take_no_page_faults(fused):
+    """ResNet-20 at batch 32 allocates MiBs of activations anew each step: with the heap kept a
+    typical step faults none of it in again (now and then the heap grows by a few hundred
+    pages); with glibc's defaults every step faults thousands of pages."""
+    kept = [f for f, _ in cpu_memory.measure_steps("resnet20", 32, fused=fused, keep=True)]
+    default = [f for f, _ in cpu_memory.measure_steps("resnet20", 32, fused=fused, keep=False)]
     assert statistics.median(kept) < 64, f"page faults per step with freed memory kept: {kept}"
     if not any(k.startswith("MALLOC_") for k in os.environ):
         assert 5 * sum(kept) < sum(default), f"page faults per step: kept {kept}, malloc defaults {default}"
@@ -73,3 +43,14 @@ def test_other_c_libraries_are_left_alone(monkeypatch):
     applied, why = cpu_memory.retain_freed_memory()
     assert not applied and "not glibc" in why
     assert cpu_memory.status().startswith("malloc defaults (the C library is not glibc")
+
+
+def test_cli_reports_both_settings(capsys):
+    assert cpu_memory.main(["lenet5", "--batch", "8", "--steps", "2", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "lenet5 batch 8 eager" in out and "malloc defaults" in out and "freed memory kept" in out
+
+
+def test_measuring_process_errors_are_reported():
+    with pytest.raises(RuntimeError, match="measuring process failed"):
+        cpu_memory.measure_steps("no_such_model", 2, fused=False, keep=False, steps=1)

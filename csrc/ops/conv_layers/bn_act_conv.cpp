@@ -12,6 +12,14 @@
 // statistics ([C] vectors) -- and rebuilds h in C++ in its backward, with the very kernel and
 // coefficients of the forward (bn_act_apply: bit for bit the forward's h).
 //
+// Passes over activation memory, training (the BN part's launches on CUDA in brackets, see
+// csrc/ops/bn_act/bn_act_kernel.h): forward -- BN statistics (reads x) and apply (reads x,
+// writes h) [2], the convolution (reads h, writes y), the residual added in place; backward
+// -- the rebuild (reads x, writes h) [1], the convolution's backward (reads gy and h, writes
+// gh; the weight gradient), the BN backward (reads gh and x twice, writes gx) [2]. Kept
+// between forward and backward: x and [C] vectors (two-op unfused: x and h). Eval: apply [1]
+// and the convolution.
+//
 // Autograd: two nodes, as the unfused unit's two halves -- the `bn_act` composite's node and
 // ConvOfRebuiltFunction below (the convolution with h rebuilt) -- so the convolution's incoming
 // gradient and the rebuilt h are freed before the BN node's backward runs (see
