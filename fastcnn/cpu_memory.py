@@ -118,7 +118,9 @@ def measure_steps(model: str, batch: int, *, fused: bool, keep: bool, threads: i
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastcnn.cpu_memory",
+    from .cli import prog_name
+
+    p = argparse.ArgumentParser(prog=prog_name("python -m fastcnn.cpu_memory"),
                                 description="Page faults and time per CPU training step, with malloc's defaults "
                                             "and with freed memory kept (what fastcnn.train does on the CPU).")
     p.add_argument("model", nargs="?", default="resnet20")

@@ -23,7 +23,9 @@ once, not once per use; :data:`MAX_DEPTH` bounds how long a chain may grow.
 
 Safety: a tensor changed in place after it was produced (its version counter moved) is saved
 as usual; a tensor a recipe holds as is (no recipe of its own) that is changed in place before
-the rebuild is a clear error at rebuild time. Nothing is marked unless the hooks are active and
+the rebuild is a clear error at rebuild time, and so is any tensor the graph keeps as is that is
+changed in place before backward (:class:`_Saved`: autograd's own check of saved tensors, which
+it skips for tensors saved through hooks). Nothing is marked unless the hooks are active and
 the op records a backward, so inference and standalone layers keep no extra references. Under
 ``torch.compile`` the hooks stay off (the compiler plans memory itself).
 """
@@ -249,6 +251,26 @@ def cat(tensors, dim: int = 1) -> torch.Tensor:
     return y
 
 
+class _Saved:
+    """A tensor the graph keeps as is, with the check autograd makes of every saved tensor --
+    changed in place between forward and backward is an error -- and skips for tensors that
+    saved-tensor hooks pack (as these do)."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, t: torch.Tensor):
+        self.tensor, self.version = t, t._version
+
+    def get(self) -> torch.Tensor:
+        t = self.tensor
+        if t._version != self.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: [{t.type()} {list(t.shape)}] is at version {t._version}; expected version "
+                f"{self.version} instead (fastcnn: saved inside a fused model's forward)")
+        return t
+
+
 def _pack(t: torch.Tensor):
     # runs for every tensor any op saves inside a fused model's forward: kept short
     packed = _recipe_of(t)
@@ -257,7 +279,7 @@ def _pack(t: torch.Tensor):
     observer = _state.__dict__.get("observer")
     if observer is not None:
         observer(t)  # fastcnn.memory counts what the graph really keeps
-    return t
+    return _Saved(t)
 
 
 def set_observer(fn: Callable[[torch.Tensor], None] | None) -> None:
@@ -266,8 +288,6 @@ def set_observer(fn: Callable[[torch.Tensor], None] | None) -> None:
 
 
 def _unpack(packed):
-    if isinstance(packed, torch.Tensor):
-        return packed
     return packed.get()
 
 

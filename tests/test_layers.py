@@ -84,6 +84,33 @@ def test_fused_layer_reads_parametrized_weights(make):
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("make", [LAYERS[0], LAYERS[4]], ids=["ConvBnAct", "BnActConv"])
+def test_hooked_submodules_run_unfused(make):
+    """A submodule with forward hooks -- pruning computes the weight in one, a feature extractor
+    reads an activation in one -- cannot be bypassed by the fused kernels: the layer runs
+    unfused (with one warning), so the hooks run and the result is the unfused one."""
+    from torch.nn.utils import prune
+
+    seen = []
+    pair = []
+    for _ in range(2):  # the same layer twice (a pruned module cannot be deep-copied)
+        torch.manual_seed(0)
+        layer = make()
+        prune.l1_unstructured(layer.conv, "weight", amount=0.5)
+        layer.act.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        pair.append(layer)
+    ref, fused = pair[0], set_fused(pair[1], True)
+    x = torch.randn(2, _in_chs(ref), 9, 9)
+    with pytest.warns(UserWarning, match="has forward hooks"):
+        y = fused(x)
+    torch.testing.assert_close(y, ref(x))
+    assert len(seen) == 2  # the fused copy's hook ran as well as the reference's
+    with torch.no_grad():
+        fused.conv.weight_orig.mul_(2.0)  # the pruned weight follows its original
+        ref.conv.weight_orig.mul_(2.0)
+    torch.testing.assert_close(fused(x), ref(x))
+
+
 def test_residual_goes_before_activation():
     layer = ConvBnAct(4, 4, 3)
     x, res = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)

@@ -3,6 +3,8 @@ outputs and gradients identical with and without the rebuild hooks, the bytes ke
 (fastcnn.memory), and the safety rules (in-place changes, no marks outside fused models)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -342,3 +344,41 @@ def test_input_changed_in_place_after_capture_is_a_clear_error():
         base.add_(1.0)
     with pytest.raises(RuntimeError, match="changed in place between forward and backward"):
         out.backward()
+
+
+def test_kept_tensor_changed_in_place_before_backward_is_an_error():
+    """Saved-tensor hooks turn off autograd's check of saved tensors; the hooks make it
+    themselves for what they keep as is: a unit's input changed in place after the unit (and
+    before backward) is the error unfused PyTorch gives, not silently wrong gradients."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.u, self.v = BnActConv(4, 4, 3), BnActConv(4, 4, 3)
+
+        def forward(self, x):
+            h = x * 1.0
+            y = self.u(h)
+            h.mul_(2.0)
+            return self.v(y) + h.sum()
+
+    for fused in (False, True):
+        model = set_fused(Net().train(), fused)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            model(torch.randn(2, 4, 8, 8, requires_grad=True)).sum().backward()
+
+
+def test_eval_forward_then_training_forward_then_backward():
+    """In eval the pre-activation unit keeps its BN+activation output (rebuilding it would read
+    running statistics that a training forward before backward changes): the convolution's
+    weight gradient is the unfused one."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(BnActConv(4, 4, 3), BnActConv(4, 4, 3))
+    fused = set_fused(copy.deepcopy(ref), True)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    for model in (ref, fused):
+        model.eval()
+        loss = model(x).sum()
+        model.train()
+        model(x * 3 + 1)
+        loss.backward()
+    torch.testing.assert_close(fused[1].conv.weight.grad, ref[1].conv.weight.grad, rtol=1e-4, atol=1e-4)

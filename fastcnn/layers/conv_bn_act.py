@@ -52,7 +52,9 @@ def bn_args(bn: nn.BatchNorm2d) -> dict:
     training = bn.training or not bn.track_running_stats
     momentum = 0.0
     if bn.training and bn.track_running_stats:
-        counter = bn._buffers["num_batches_tracked"] if type(bn) is nn.BatchNorm2d else bn.num_batches_tracked
+        counter = bn._buffers.get("num_batches_tracked") if type(bn) is nn.BatchNorm2d else None
+        if counter is None:
+            counter = bn.num_batches_tracked
         counter.add_(1)
         momentum = 1.0 / float(counter) if bn.momentum is None else bn.momentum
     return dict(training=training, momentum=momentum, eps=bn.eps)
@@ -63,19 +65,42 @@ def bn_args(bn: nn.BatchNorm2d) -> dict:
 # nn.Module.__getattr__, a Python call of about 0.5 us, and a fused layer made seven of them (a
 # tenth of its host time, training forward+backward, at CIFAR sizes). Any other class -- a
 # subclass, or a module torch.nn.utils.parametrize has rewritten (it swaps in a subclass whose
-# property computes the weight) -- is read by attribute.
+# property computes the weight) -- and a plain one whose tensor is not in its dict (moved out
+# by torch.nn.utils.prune or the old weight_norm, which keep it as a plain attribute) is read
+# by attribute.
 def _weight_bias(m: nn.Module, plain: type):
     if type(m) is plain:
         p = m._parameters
-        return p["weight"], p["bias"]
+        if "weight" in p and "bias" in p:
+            return p["weight"], p["bias"]
     return m.weight, m.bias
 
 
 def _bn_tensors(bn: nn.BatchNorm2d):
     if type(bn) is nn.BatchNorm2d:
         p, b = bn._parameters, bn._buffers
-        return p["weight"], p["bias"], b["running_mean"], b["running_var"]
+        if "weight" in p and "bias" in p and "running_mean" in b and "running_var" in b:
+            return p["weight"], p["bias"], b["running_mean"], b["running_var"]
     return bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+
+_warned_hooks: set[str] = set()
+
+
+def _hooked(layer: nn.Module, mods) -> bool:
+    """Whether one of the submodules a fused layer would bypass has forward (pre-)hooks --
+    torch.nn.utils.prune and the old weight_norm compute the weight in one, feature extractors
+    read an activation in one. The fused ops cannot run them, so such a layer runs unfused
+    (warned about once per layer class and hooked submodule)."""
+    for name, m in mods.items():
+        if m._forward_pre_hooks or m._forward_hooks:
+            key = f"{type(layer).__name__}.{name}"
+            if key not in _warned_hooks:
+                _warned_hooks.add(key)
+                warnings.warn(f"{key} has forward hooks, which the fused kernels cannot run: this layer runs "
+                              "unfused while they are registered", stacklevel=3)
+            return True
+    return False
 
 
 _CHECKS = {"conv_bn_act": ops.check_conv_bn_act, "bn_act": ops.check_bn_act,
@@ -131,7 +156,8 @@ class _Fusable(nn.Module):
                 y = self._fused(op, act, _cast(x, dtype), _cast_params(op, params, dtype), kw,
                                 _cast(residual, dtype))
             return y
-        signature = (x.shape, x.dtype, dev, params[0].dtype, kw.get("training"),
+        weight = params[_SIGNATURE_WEIGHT.get(op, 0)]
+        signature = (x.shape, x.dtype, dev, None if weight is None else weight.dtype, kw.get("training"),
                      None if residual is None else (residual.shape, residual.dtype, residual.device))
         checked = self.__dict__.get("_checked")  # op -> last checked signature (a layer may run two ops)
         if checked is None:
@@ -141,6 +167,11 @@ class _Fusable(nn.Module):
             checked[op] = signature
         y = implementation(op, dev)(x, *params, act=name, act_param=param, residual=residual, **kw)
         return y if leftover is None else leftover(y)
+
+
+#: which of an op's tensor arguments after x the check signature records the dtype of (default:
+#: the first): the convolution weight's for bn_act_conv, whose first is BN's
+_SIGNATURE_WEIGHT = {"bn_act_conv": 4}
 
 
 def _cast_params(op: str, params: tuple, dtype) -> tuple:
@@ -168,7 +199,7 @@ class ConvBnAct(_Fusable):
         self.fused = fused
 
     def forward(self, x, residual=None):
-        if not self.fused:
+        if not self.fused or _hooked(self, self._modules):
             y = self.bn(self.conv(x))
             if residual is not None:
                 y = y + residual
@@ -189,7 +220,7 @@ class BnAct(_Fusable):
         self.fused = fused
 
     def forward(self, x, residual=None):
-        if not self.fused:
+        if not self.fused or _hooked(self, self._modules):
             y = self.bn(x)
             if residual is not None:
                 y = y + residual
@@ -217,7 +248,7 @@ class BnActConv(_Fusable):
         self.fused = fused
 
     def forward(self, x, residual=None):
-        if not self.fused:
+        if not self.fused or _hooked(self, self._modules):
             y = self.conv(self.act(self.bn(x)))
             return y if residual is None else y + residual
         mods = self._modules
@@ -246,7 +277,7 @@ class ConvAct(_Fusable):
         self.fused = fused
 
     def forward(self, x, residual=None):
-        if not self.fused:
+        if not self.fused or _hooked(self, self._modules):
             y = self.conv(x)
             if residual is not None:
                 y = y + residual

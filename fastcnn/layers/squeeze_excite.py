@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import ActSpec, create_act
-from .conv_bn_act import _Fusable, _weight_bias
+from .conv_bn_act import _Fusable, _hooked, _weight_bias
 
 
 class SqueezeExcite(_Fusable):
@@ -21,7 +21,7 @@ class SqueezeExcite(_Fusable):
         self.fused = fused
 
     def forward(self, x, residual=None):
-        if not self.fused:
+        if not self.fused or _hooked(self, self._modules):
             s = x.mean(dim=(2, 3))
             s = torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
             y = x * s[:, :, None, None]

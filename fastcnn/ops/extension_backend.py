@@ -143,10 +143,11 @@ def _register_fakes() -> None:
             (act == "elu" and act_param > 0)
         return _like(z), (x.new_empty(0) if from_output else z)
 
-    @torch.library.register_fake(lib + "bn_act_conv")
-    def _(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, residual, stride, padding, dilation,
-          groups, training, momentum, eps, act, act_param, rebuild=True):
-        return _conv_out(x, weight, stride, padding, dilation)
+    if hasattr(torch.ops.fastcnn, "bn_act_conv"):
+        @torch.library.register_fake(lib + "bn_act_conv")
+        def _(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, residual, stride, padding,
+              dilation, groups, training, momentum, eps, act, act_param, rebuild=True):
+            return _conv_out(x, weight, stride, padding, dilation)
 
     @torch.library.register_fake(lib + "se_block")
     def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param):
@@ -235,7 +236,7 @@ def _register_autograd() -> None:
 
 def _load() -> tuple[str, ...]:
     ext, _ = _extension()
-    if ext is None or not all(hasattr(torch.ops.fastcnn, op) for op in ("bn_act_forward", "bn_act_conv", *OPS)):
+    if ext is None or not all(hasattr(torch.ops.fastcnn, op) for op in ("bn_act_forward", *OPS)):
         return ()
     _register_fakes()
     _register_autograd()
@@ -360,10 +361,12 @@ def conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act=
 def bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, *, stride=1, padding=0,
                 dilation=1, groups=1, training=True, momentum=0.1, eps=1e-5, act="relu", act_param=0.0,
                 residual=None):
-    """The pre-activation unit as one composite (csrc/ops/conv_layers/bn_act_conv.cpp): inside a
-    fused model's forward (the rebuild hooks active) its convolution's node rebuilds the
-    BN+activation output in C++ instead of keeping it, so nothing is marked here; elsewhere
-    (a lone unit, ``--keep-activations``) it keeps it, as unfused PyTorch."""
+    """The pre-activation unit as one composite (csrc/ops/conv_layers/bn_act_conv.cpp): in
+    training inside a fused model's forward (the rebuild hooks active) its convolution's node
+    rebuilds the BN+activation output in C++ instead of keeping it, so nothing is marked here;
+    elsewhere (a lone unit, ``--keep-activations``, and eval, where the output would be
+    rebuilt from running statistics that a training forward before backward may change) it
+    keeps it, as unfused PyTorch."""
     if torch.compiler.is_compiling():
         h = _traced_bn_act(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, act,
                            act_param, None)
@@ -371,7 +374,8 @@ def bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, 
                                 "identity", 0.0)
     return torch.ops.fastcnn.bn_act_conv.default(x, bn_weight, bn_bias, running_mean, running_var, weight, bias,
                                                  residual, _pair(stride), _pair(padding), _pair(dilation), groups,
-                                                 training, momentum, eps, act, act_param, _rebuild_active())
+                                                 training, momentum, eps, act, act_param,
+                                                 training and _rebuild_active())
 
 
 def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, act="relu",
@@ -392,3 +396,6 @@ def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, ac
 #: this backend's ops (dispatch looks them up here)
 IMPLEMENTATIONS = {"conv_bn_act": conv_bn_act, "bn_act": bn_act, "conv_act": conv_act, "se_block": se_block,
                    "bn_act_conv": bn_act_conv}
+if IMPLEMENTED_OPS and not hasattr(torch.ops.fastcnn, "bn_act_conv"):
+    # an extension built before the composed op: fastcnn.ops.composed chains bn_act and conv_act
+    del IMPLEMENTATIONS["bn_act_conv"]
