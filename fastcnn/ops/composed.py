@@ -2,9 +2,10 @@
 
 ``bn_act_conv`` -- ``conv_act(bn_act(x), act="identity")``: the pre-activation unit of
 ResNet-164, WRN and DenseNet (``fastcnn.layers.BnActConv``). The extension has it as one
-composite op whose convolution node rebuilds the BN+activation output in C++ in backward
-instead of keeping it (csrc/ops/conv_layers/bn_act_conv.cpp): one dispatcher call and no Python
-rebuild bookkeeping per unit. Any other backend -- or the two ops resolving to different
+composite op whose convolution node -- in training inside a fused model -- rebuilds the
+BN+activation output in C++ in backward instead of keeping it
+(csrc/ops/conv_layers/bn_act_conv.cpp): one dispatcher call and no Python rebuild bookkeeping
+per unit. Any other backend -- or the two ops resolving to different
 backends -- runs the two ops' own implementations one after the other (:func:`chain`), which
 computes the same thing.
 
