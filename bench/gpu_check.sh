@@ -60,7 +60,7 @@ elif [ "$MODE" = quick ]; then
     MODELS="resnet20 simplenet"
     VARIANTS_FAST="eager,fused-triton,fused-cuda"
     VARIANTS_COMPILE=""
-    TEST_SELECT=(-m gpu -k "model or memory or launches")
+    TEST_SELECT=(-m gpu -k "model or memory or launches or bn_act_conv")
 else
     B_BUILD=0; B_TESTS=120; B_MODELS=240; B_HOST=120; ROUNDS_NOTE="CPU smoke run"
     MODELS="lenet5"
