@@ -85,12 +85,15 @@ def test_fused_layer_reads_parametrized_weights(make):
 
 
 @pytest.mark.parametrize("make", [LAYERS[0], LAYERS[4]], ids=["ConvBnAct", "BnActConv"])
-def test_hooked_submodules_run_unfused(make):
+def test_hooked_submodules_run_unfused(make, monkeypatch):
     """A submodule with forward hooks -- pruning computes the weight in one, a feature extractor
     reads an activation in one -- cannot be bypassed by the fused kernels: the layer runs
     unfused (with one warning), so the hooks run and the result is the unfused one."""
     from torch.nn.utils import prune
 
+    from fastcnn.layers import conv_bn_act
+
+    monkeypatch.setattr(conv_bn_act, "_warned_hooks", set())  # warned once per process otherwise
     seen = []
     pair = []
     for _ in range(2):  # the same layer twice (a pruned module cannot be deep-copied)
@@ -101,7 +104,7 @@ def test_hooked_submodules_run_unfused(make):
         pair.append(layer)
     ref, fused = pair[0], set_fused(pair[1], True)
     x = torch.randn(2, _in_chs(ref), 9, 9)
-    with pytest.warns(UserWarning, match="has forward hooks"):
+    with pytest.warns(UserWarning, match="has module hooks"):
         y = fused(x)
     torch.testing.assert_close(y, ref(x))
     assert len(seen) == 2  # the fused copy's hook ran as well as the reference's
@@ -109,6 +112,20 @@ def test_hooked_submodules_run_unfused(make):
         fused.conv.weight_orig.mul_(2.0)  # the pruned weight follows its original
         ref.conv.weight_orig.mul_(2.0)
     torch.testing.assert_close(fused(x), ref(x))
+
+
+def test_backward_hooked_submodule_runs_unfused(monkeypatch):
+    from fastcnn.layers import conv_bn_act
+
+    monkeypatch.setattr(conv_bn_act, "_warned_hooks", set())
+    ref = ConvBnAct(3, 6, 3)
+    fused = set_fused(copy.deepcopy(ref), True)
+    grads = []
+    fused.bn.register_full_backward_hook(lambda m, gi, go: grads.append(go[0].shape))
+    x = torch.randn(2, 3, 9, 9)
+    with pytest.warns(UserWarning, match="ConvBnAct.bn has module hooks"):
+        fused(x).sum().backward()
+    assert grads == [torch.Size([2, 6, 9, 9])]
 
 
 def test_residual_goes_before_activation():

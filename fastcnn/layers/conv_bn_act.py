@@ -88,16 +88,17 @@ _warned_hooks: set[str] = set()
 
 
 def _hooked(layer: nn.Module, mods) -> bool:
-    """Whether one of the submodules a fused layer would bypass has forward (pre-)hooks --
-    torch.nn.utils.prune and the old weight_norm compute the weight in one, feature extractors
-    read an activation in one. The fused ops cannot run them, so such a layer runs unfused
-    (warned about once per layer class and hooked submodule)."""
+    """Whether one of the submodules a fused layer would bypass has module hooks -- forward
+    (pre-)hooks: torch.nn.utils.prune and the old weight_norm compute the weight in one, feature
+    extractors read an activation in one; backward hooks: gradient inspection. The fused ops
+    cannot run them, so such a layer runs unfused (warned about once per layer class and hooked
+    submodule)."""
     for name, m in mods.items():
-        if m._forward_pre_hooks or m._forward_hooks:
+        if m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks:
             key = f"{type(layer).__name__}.{name}"
             if key not in _warned_hooks:
                 _warned_hooks.add(key)
-                warnings.warn(f"{key} has forward hooks, which the fused kernels cannot run: this layer runs "
+                warnings.warn(f"{key} has module hooks, which the fused kernels cannot run: this layer runs "
                               "unfused while they are registered", stacklevel=3)
             return True
     return False
