@@ -129,7 +129,8 @@ class _Fusable(nn.Module):
 
     fused: bool = False
     #: the fused forward is one op on the layer's input (a lone such layer needs no rebuild
-    #: hooks: fastcnn.layers.set_fused); False for a layer that chains two
+    #: hooks: fastcnn.layers.set_fused); a layer whose fused forward chained two ops would
+    #: set it False (none does: the pre-activation unit is one composed op)
     single_op: bool = True
 
     def extra_repr(self) -> str:

@@ -152,14 +152,8 @@ Tensor bn_act_conv_autograd(const Tensor& x, const Tensor& bn_weight, const Tens
                              padding, dilation, groups, training, momentum, eps, act, act_param, rebuild);
   auto [h, mean, var] = bn_act_autograd(x, bn_weight, bn_bias, running_mean, running_var, std::nullopt, training,
                                         momentum, eps, act, act_param);
-  if (!rebuild) {  // h kept: ATen's convolution node (and add), recorded by ATen
-    Tensor y = at::convolution(h, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
-    if (residual.has_value()) {
-      check_like(*residual, y, "residual");
-      y.add_(*residual);
-    }
-    return y;
-  }
+  if (!rebuild)  // h kept: above autograd, ATen records its convolution node (and the add)
+    return conv(h, weight, bias, stride, padding, dilation, groups, residual);
   const HRecipe recipe{x, bn_weight, bn_bias, training ? mean : *running_mean, training ? var : *running_var,
                        training};
   return ConvOfRebuiltFunction::apply(h, weight, bias, residual, recipe, stride, padding, dilation, groups, eps,
@@ -171,8 +165,8 @@ Tensor bn_act_conv_autograd(const Tensor& x, const Tensor& bn_weight, const Tens
 TORCH_LIBRARY_FRAGMENT(fastcnn, m) {
   // conv(act(BN(x))) + bias (+ residual), BN with nn.BatchNorm2d's semantics (see bn_act): the
   // pre-activation unit; returns the convolution's output. rebuild: the convolution's node
-  // rebuilds h = act(BN(x)) in backward (else it keeps h, as unfused PyTorch; fastcnn.train
-  // --keep-activations, and a lone unit, whose memory nothing else shares)
+  // rebuilds h = act(BN(x)) in backward (else it keeps h, as unfused PyTorch: in eval, with
+  // fastcnn.train --keep-activations, and in a lone unit, whose memory nothing else shares)
   m.def("bn_act_conv(Tensor x, Tensor bn_weight, Tensor bn_bias, Tensor(a!)? running_mean, "
         "Tensor(b!)? running_var, Tensor weight, Tensor? bias, Tensor? residual, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, bool training, float momentum, float eps, str act, float act_param, "
