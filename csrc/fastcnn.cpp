@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "channel_act/cpu/channel_act_cpu.h"
+#include "include/python_calls.h"
 
 static bool has_cpu() { return true; }
 
@@ -82,4 +83,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the CPU kernel builds usable on this machine ('default' first, best last)");
   m.def("_set_cpu_capability", &fastcnn::cpu::set_capability, pybind11::arg("name"),
         "choose the CPU kernel build: 'auto', 'default' or 'avx2' (for tests and benchmarks)");
+  fastcnn::register_python_calls(m);
 }

@@ -12,7 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench import report  # noqa: E402
+from bench import host_instructions, report  # noqa: E402
 
 
 def _collect(*args):
@@ -59,7 +59,7 @@ def _write_runs(tmp_path):
     results = tmp_path / "RESULTS.md"
     readme = tmp_path / "README.md"
     sections = "".join(f"<!-- BEGIN report:{n} -->\nold {n}\n<!-- END report:{n} -->\n\n"
-                       for n in ("models", "host", "training", "plots"))
+                       for n in ("models", "host", "training", "plots", "host-instructions"))
     results.write_text("# kept text\n\n" + sections + "tail kept\n")
     readme.write_text("intro\n<!-- BEGIN report:summary -->\nold\n<!-- END report:summary -->\noutro\n")
     return path, results, readme
@@ -127,3 +127,54 @@ def test_gpu_check_usage(tmp_path):
     p = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path), "--fast"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 2 and "usage:" in p.stderr
+
+
+def _instruction_file(tmp_path, eager=1000.0, fused=900.0):
+    env = {"device": "Test CPU (2 cores)", "torch": "2.x", "threads": 1, "date": "2026-12-02",
+           "command": "python -m bench.host_instructions"}
+    rows = [dict(layer="BnAct", mode="train", variant=v, instructions_per_call=n, rounds=[n * 20])
+            for v, n in (("eager", eager), ("fused", fused))]
+    path = tmp_path / "instr.json"
+    path.write_text(json.dumps({"kind": "host-instructions", "environment": env, "rows": rows}))
+    return path
+
+
+def test_report_instruction_section(tmp_path):
+    run, results, readme = _write_runs(tmp_path)
+    instr = _instruction_file(tmp_path)
+    rc = report.main([str(run), str(instr), "--results", str(results), "--readme", str(readme),
+                      "--plots", str(tmp_path / "plots")])
+    assert rc == 0
+    text = results.read_text()
+    assert "old host-instructions" not in text
+    assert "| BnAct | train | 1,000 | 900 | 0.900 |" in text
+
+
+def test_host_instructions_reads_callgrind_dumps(tmp_path):
+    for i, (desc, total) in enumerate((("BnAct|train|eager|0", 2000), ("BnAct|train|fused|0", 1800))):
+        (tmp_path / f"cg.out.{i + 1}").write_text(
+            f"version: 1\ndesc: Trigger: Client Request: {desc}\nevents: Ir\nsummary: {total}\ntotals: {total}\n")
+    (tmp_path / "cg.out").write_text("desc: Trigger: Program termination\ntotals: 5\n")
+    assert host_instructions._parse_dumps(str(tmp_path)) == {("BnAct", "train", "eager"): [2000],
+                                                             ("BnAct", "train", "fused"): [1800]}
+
+
+def test_host_instructions_names_unknown_layer():
+    if host_instructions.missing_tools():
+        pytest.skip(host_instructions.missing_tools())
+    with pytest.raises(ValueError, match="unknown layer"):
+        host_instructions.measure(["NoSuchLayer"])
+
+
+def test_host_instructions_counts_under_callgrind():
+    """The real thing on one layer: valgrind runs the benchmark's calls, rounds agree."""
+    why = host_instructions.missing_tools()
+    if why:
+        pytest.skip(why)
+    pytest.importorskip("fastcnn._C", reason="the extension fastcnn._C is not built")
+    rows = host_instructions.measure(["BnAct"], rounds=2)
+    assert {(r["mode"], r["variant"]) for r in rows} == {(m, v) for m in ("train", "eval") for v in ("eager", "fused")}
+    for r in rows:
+        assert r["instructions_per_call"] > 10_000, r
+        lo, hi = min(r["rounds"]), max(r["rounds"])
+        assert hi / lo < 1.02, r  # deterministic: the point of counting

@@ -247,15 +247,35 @@ IMPLEMENTED_OPS = _load()
 
 
 # --------------------------------------------------------------------------- public ops
-# The rebuilds run in every fused model's backward: they call the op overloads directly
-# (``.default``), which skips the overload resolution of ``torch.ops.fastcnn.<op>(...)``.
+def _direct(op: str):
+    """``fastcnn._C.call_<op>``: the op called through its typed dispatcher handle, without the
+    JIT's boxed path that ``torch.ops.fastcnn.<op>.default`` takes from Python (about 40,000
+    instructions per call, counted: csrc/python_calls.cpp); the op overload itself when the
+    loaded extension predates them. They skip only the ``__torch_function__`` protocol, so
+    the public ops below take them only when :func:`_plain` holds."""
+    ext, _ = _extension()
+    fn = getattr(ext, f"call_{op}", None) if IMPLEMENTED_OPS else None
+    if fn is None and IMPLEMENTED_OPS and hasattr(torch.ops.fastcnn, op):
+        fn = getattr(torch.ops.fastcnn, op).default
+    return fn
+
+
+#: whether no argument overrides ``__torch_function__`` and no TorchFunctionMode is active
+#: (then the direct entry points behave exactly as the torch.ops overloads)
+_overridden = torch._C._has_torch_function_variadic
+
+_CALL = {op: _direct(op) for op in ("bn_act", "conv_bn_act", "conv_act", "bn_act_conv", "se_block",
+                                    "bn_act_apply", "scale_shift_act", "se_block_forward")}
+
+
+# The rebuilds run in every fused model's backward, where no forward-time mode applies: always
+# the direct entry points.
 def _rebuild_scale_shift_act(x, scale, shift, residual, act, act_param):
-    return torch.ops.fastcnn.scale_shift_act.default(x, scale, shift, residual, act, act_param)
+    return _CALL["scale_shift_act"](x, scale, shift, residual, act, act_param)
 
 
 def _rebuild_bn_act(x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param):
-    return torch.ops.fastcnn.bn_act_apply.default(x, bn_weight, bn_bias, residual, mean, var, eps, act,
-                                                  act_param)
+    return _CALL["bn_act_apply"](x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param)
 
 
 #: positions of the activations among a rebuild's arguments (fastcnn.recompute captures only those)
@@ -276,8 +296,7 @@ def _mark_rebuildable_bn(y, x, bn_weight, bn_bias, residual, mean, var, eps, act
 
 
 def _rebuild_se(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param):
-    return torch.ops.fastcnn.se_block_forward.default(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                                      residual, act, act_param)[0]
+    return _CALL["se_block_forward"](x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param)[0]
 
 
 def _pair(v):
@@ -321,8 +340,10 @@ def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, m
     if torch.compiler.is_compiling():
         return _traced_bn_act(x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, act,
                               act_param, residual)
-    y, mean, var = torch.ops.fastcnn.bn_act.default(x, bn_weight, bn_bias, running_mean, running_var, residual,
-                                                    training, momentum, eps, act, act_param)
+    call = torch.ops.fastcnn.bn_act.default if _overridden(x, bn_weight, bn_bias, running_mean, running_var,
+                                                          residual) else _CALL["bn_act"]
+    y, mean, var = call(x, bn_weight, bn_bias, running_mean, running_var, residual, training, momentum, eps, act,
+                        act_param)
     if training and y.requires_grad and _rebuild_active():
         _mark_rebuildable_bn(y, x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param)
     return y
@@ -335,7 +356,9 @@ def conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
         z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return _traced_bn_act(z, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, act,
                               act_param, residual)
-    y, z, mean, var = torch.ops.fastcnn.conv_bn_act.default(
+    call = torch.ops.fastcnn.conv_bn_act.default if _overridden(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual) else _CALL["conv_bn_act"]
+    y, z, mean, var = call(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, _pair(stride),
         _pair(padding), _pair(dilation), groups, training, momentum, eps, act, act_param)
     if training and y.requires_grad and _rebuild_active():
@@ -349,8 +372,8 @@ def conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act=
         # identity: ATen's convolution and add are the whole op (the composite would call them)
         return _traced_conv_act(x, weight, bias, residual, _pair(stride), _pair(padding), _pair(dilation),
                                 groups, act, act_param)
-    y, z = torch.ops.fastcnn.conv_act.default(x, weight, bias, residual, _pair(stride), _pair(padding),
-                                              _pair(dilation), groups, act, act_param)
+    call = torch.ops.fastcnn.conv_act.default if _overridden(x, weight, bias, residual) else _CALL["conv_act"]
+    y, z = call(x, weight, bias, residual, _pair(stride), _pair(padding), _pair(dilation), groups, act, act_param)
     if z.numel() and y.requires_grad and _rebuild_active():
         # the op keeps z = conv(x) (silu, gelu); consumers of y keep a recipe (fastcnn.recompute)
         mark_rebuildable(y, _rebuild_scale_shift_act, z, None, bias, residual, act, act_param,
@@ -372,10 +395,11 @@ def bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, 
                            act_param, None)
         return _traced_conv_act(h, weight, bias, residual, _pair(stride), _pair(padding), _pair(dilation), groups,
                                 "identity", 0.0)
-    return torch.ops.fastcnn.bn_act_conv.default(x, bn_weight, bn_bias, running_mean, running_var, weight, bias,
-                                                 residual, _pair(stride), _pair(padding), _pair(dilation), groups,
-                                                 training, momentum, eps, act, act_param,
-                                                 training and _rebuild_active())
+    call = torch.ops.fastcnn.bn_act_conv.default if _overridden(
+        x, bn_weight, bn_bias, running_mean, running_var, weight, bias, residual) else _CALL["bn_act_conv"]
+    return call(x, bn_weight, bn_bias, running_mean, running_var, weight, bias, residual, _pair(stride),
+                _pair(padding), _pair(dilation), groups, training, momentum, eps, act, act_param,
+                training and _rebuild_active())
 
 
 def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, act="relu",
@@ -383,8 +407,9 @@ def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, ac
     if torch.compiler.is_compiling():
         return torch.ops.fastcnn.se_block_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act,
                                                   act_param)[0]
-    y = torch.ops.fastcnn.se_block.default(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act,
-                                           act_param)
+    call = torch.ops.fastcnn.se_block.default if _overridden(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                                             residual) else _CALL["se_block"]
+    y = call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param)
     if y.requires_grad and _rebuild_active():
         # the block output (consumed by the next block's conv and shortcut) is rebuilt from x
         # and the residual -- both recipes themselves in a fused SE-ResNeXt
