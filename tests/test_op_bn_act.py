@@ -269,6 +269,35 @@ def test_bn_act_layer_direct_and_dispatched_agree(layout, training):
         assert torch.equal(rm, stats[0]) and torch.equal(rv, stats[1])
 
 
+@pytest.mark.extension
+@pytest.mark.parametrize("training", (True, False), ids=("train", "eval"))
+def test_bn_act_node_backward_twice_retain_graph_and_inplace(training):
+    """The composite's hand-written autograd node (csrc/ops/bn_act/bn_act.cpp): named, a second
+    backward without retain_graph is a clear error, with it the same gradients, and BN
+    parameters changed in place before backward are caught."""
+    pytest.importorskip("fastcnn._C", reason="the extension fastcnn._C is not built")
+    x = make((2, 5, 4, 3), "nchw", torch.float32, requires_grad=True)
+    w, b = (torch.rand(5) + 0.5).requires_grad_(), torch.randn(5).requires_grad_()
+    rm, rv = torch.zeros(5), torch.ones(5)
+    y = torch.ops.fastcnn.bn_act(x, w, b, rm, rv, None, training, 0.1, 1e-5, "relu", 0.0)[0]
+    assert y.grad_fn.name() == "fastcnn::BnActBackward"
+    g = torch.randn_like(y)
+    y.backward(g, retain_graph=True)
+    first = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    y.backward(g)
+    assert all(torch.equal(t.grad, f) for t, f in zip((x, w, b), first))
+    with pytest.raises(RuntimeError, match="a second time"):
+        y.backward(g)
+    with torch.autograd.detect_anomaly(check_nan=False):  # anomaly mode records the node's forward
+        y = torch.ops.fastcnn.bn_act(x, w, b, rm, rv, None, training, 0.1, 1e-5, "relu", 0.0)[0]
+        with torch.no_grad():
+            w.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified in place between forward and backward"):
+            y.sum().backward()
+
+
 # =========================================================================== GPU
 
 # Triton: the zoo's BN+activation shapes (n, c, h, w), channels_last, relu, training, residual

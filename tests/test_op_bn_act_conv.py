@@ -134,6 +134,24 @@ def test_bn_parameters_changed_before_backward_is_an_error():
         y.sum().backward()
 
 
+@pytest.mark.extension
+def test_convolution_node_backward_twice_and_retain_graph():
+    pytest.importorskip("fastcnn._C")
+    import fastcnn.ops.extension_backend  # noqa: F401
+
+    t, _ = _tensors("cpu", 2, 6, 8, 8, 6, 3, 1, 1, 1, torch.float32, "nchw", False, False, True)
+    y = _composite(t["x"], t, True, True)
+    assert y.grad_fn.name() == "fastcnn::ConvOfRebuiltBackward"
+    g = torch.randn_like(y)
+    y.backward(g, retain_graph=True)
+    first = t["weight"].grad.clone()
+    t["weight"].grad = None
+    y.backward(g)
+    assert torch.equal(t["weight"].grad, first)
+    with pytest.raises(RuntimeError, match="a second time"):
+        y.backward(g)
+
+
 # =========================================================================== resolution
 
 def test_composed_op_resolves_to_the_backends_own_or_the_chain(monkeypatch):

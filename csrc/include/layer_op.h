@@ -22,9 +22,11 @@
 
 #include "include/common.h"
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace fastcnn {
@@ -126,5 +128,17 @@ inline bool any_requires_grad(std::initializer_list<const Tensor*> ts) {
 }
 
 inline Tensor or_undefined(const OptT& t) { return t.has_value() ? *t : Tensor(); }
+
+// How autograd holds its nodes: std::shared_ptr<Node> up to torch 2.12, c10::intrusive_ptr<Node>
+// since (pytorch#181782). make_node<T>() creates a hand-written node either way.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <class T>
+auto make_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>)
+    return std::make_shared<T>();
+  else
+    return c10::make_intrusive<T>();
+}
 
 }  // namespace fastcnn

@@ -12,6 +12,8 @@
 // The conventions every fastcnn op follows (dtypes, memory formats, gradients of absent
 // inputs) are in csrc/fastcnn.cpp.
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <initializer_list>
@@ -161,64 +163,98 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_layer(const Tensor& x, const Tensor& w
 
 namespace {
 
-struct BnActFunction : public torch::autograd::Function<BnActFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& bias,
-                               const OptT& running_mean, const OptT& running_var, const OptT& residual,
-                               bool training, double momentum, double eps, c10::string_view act,
-                               double act_param) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    BnLayerOut o = bn_layer_forward(x, weight, bias, running_mean, running_var, residual, training, momentum,
-                                    eps, act, act_param);
-    // the batch statistics are this node's own [C] vectors: kept in saved_data, past the
-    // saved-tensor hooks (one Python call each inside a fused model) -- the running statistics
-    // of eval mode are buffers others may change, so they go through save_for_backward's checks
-    // The BN weight and bias (parameters) likewise, with their version counters checked in
-    // backward as save_for_backward would.
-    if (training) {
-      ctx->save_for_backward({x, or_undefined(residual)});
-      ctx->saved_data["mean"] = o.mean;
-      ctx->saved_data["var"] = o.var;
-    } else {
-      ctx->save_for_backward({x, or_undefined(residual), *running_mean, *running_var});
-    }
-    ctx->saved_data["weight"] = weight;
-    ctx->saved_data["bias"] = bias;
-    ctx->saved_data["versions"] = std::vector<int64_t>{static_cast<int64_t>(weight._version()),
-                                                       static_cast<int64_t>(bias._version())};
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["act"] = std::string(act);
-    ctx->saved_data["act_param"] = act_param;
-    auto [y, m, v] = bn_act_outputs(x, std::move(o));
-    ctx->mark_non_differentiable({m, v});
-    return {y, m, v};
+// The op's backward node, written as ATen's generated nodes are (a torch::autograd::Node with
+// plain members) rather than as a torch::autograd::Function: a Function keeps its constants
+// in saved_data, a string-keyed hash map of IValues, and records per-input metadata to
+// materialize absent gradients -- allocations and hashing on every training call that cost
+// about as many instructions as the BN kernels themselves at CIFAR sizes (counted:
+// bench/host_instructions.py). Edges: x, weight, bias, residual (an absent one gets an
+// invalid edge, which the engine skips).
+struct BnActBackward final : public torch::autograd::Node {
+  // x (and the residual) through SavedVariable: autograd's in-place check, and the saved-tensor
+  // hooks of a fused model (fastcnn.recompute) see them. The batch statistics are this node's
+  // own [C] vectors and the BN parameters leaves whose versions are checked below: plain
+  // members, past the hooks (one Python call each inside a fused model). In eval the running
+  // statistics are buffers others may change: SavedVariables.
+  torch::autograd::SavedVariable x, residual, running_mean, running_var;
+  Tensor mean, var, weight, bias;
+  uint32_t weight_version = 0, bias_version = 0;
+  bool training = true;
+  double eps = 0.0, act_param = 0.0;
+  std::string act;
+
+  std::string name() const override { return "fastcnn::BnActBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    x.reset_data();
+    residual.reset_data();
+    running_mean.reset_data();
+    running_var.reset_data();
+    mean.reset();
+    var.reset();
+    weight.reset();
+    bias.reset();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &residual = saved[1];
-    const Tensor weight = ctx->saved_data["weight"].toTensor(), bias = ctx->saved_data["bias"].toTensor();
-    const auto versions = ctx->saved_data["versions"].toIntVector();
-    TORCH_CHECK(weight._version() == static_cast<uint32_t>(versions[0]) &&
-                    bias._version() == static_cast<uint32_t>(versions[1]),
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    TORCH_CHECK(weight.defined(),
+                "fastcnn: trying to backward through a fused bn_act a second time (or after its saved tensors were "
+                "freed); specify retain_graph=True if you need to backward twice");
+    TORCH_CHECK(weight._version() == weight_version && bias._version() == bias_version,
                 "fastcnn: a BatchNorm weight or bias used by a fused bn_act was modified in place between "
                 "forward and backward (e.g. an optimizer step before backward); its gradient would be wrong");
-    variable_list out(11);
+    const Tensor x_ = x.unpack(), r_ = residual.unpack();
+    variable_list out(4);
     if (!grads[0].defined()) return out;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const std::string act = ctx->saved_data["act"].toStringRef();
-    const bool training = ctx->saved_data["training"].toBool();
-    const Tensor mean = training ? ctx->saved_data["mean"].toTensor() : saved[2];
-    const Tensor var = training ? ctx->saved_data["var"].toTensor() : saved[3];
-    BnLayerGrad g = bn_layer_backward(grads[0], x, weight, bias, residual, mean, var, training,
-                                      ctx->saved_data["eps"].toDouble(), act, ctx->saved_data["act_param"].toDouble());
-    out[0] = g.gz;
-    out[1] = g.gweight;
-    out[2] = g.gbias;
-    out[5] = g.gr;
+    const Tensor m = training ? mean : running_mean.unpack();
+    const Tensor v = training ? var : running_var.unpack();
+    BnLayerGrad g = bn_layer_backward(grads[0], x_, weight, bias, r_, m, v, training, eps, act, act_param);
+    out[0] = std::move(g.gz);
+    out[1] = std::move(g.gweight);
+    out[2] = std::move(g.gbias);
+    out[3] = std::move(g.gr);
     return out;
   }
 };
+
+// y with this op's node recorded (the Autograd-key path when some input requires grad)
+std::tuple<Tensor, Tensor, Tensor> bn_act_recorded(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                                   const OptT& running_mean, const OptT& running_var,
+                                                   const OptT& residual, bool training, double momentum, double eps,
+                                                   c10::string_view act, double act_param) {
+  const Tensor r = or_undefined(residual);
+  auto node = make_node<BnActBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias, r));
+  BnLayerOut o;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    o = bn_layer_forward(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act,
+                         act_param);
+  }
+  node->x = torch::autograd::SavedVariable(x, false);
+  node->residual = torch::autograd::SavedVariable(r, false);
+  if (training) {
+    node->mean = o.mean;
+    node->var = o.var;
+  } else {
+    node->running_mean = torch::autograd::SavedVariable(*running_mean, false);
+    node->running_var = torch::autograd::SavedVariable(*running_var, false);
+  }
+  node->weight = weight;
+  node->bias = bias;
+  node->weight_version = weight._version();
+  node->bias_version = bias._version();
+  node->training = training;
+  node->eps = eps;
+  node->act = std::string(act);
+  node->act_param = act_param;
+  auto [y, m, v] = bn_act_outputs(x, std::move(o));
+  torch::autograd::set_history(y, NodePtr(node));  // the batch statistics stay outside the graph
+  return {y, m, v};
+}
 
 }  // namespace
 
@@ -230,9 +266,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_autograd(const Tensor& x, const Tensor
   if (!any_requires_grad({&x, &weight, &bias, &r}))
     return bn_act_layer(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act,
                         act_param);
-  auto out = BnActFunction::apply(x, weight, bias, running_mean, running_var, residual, training, momentum,
-                                  eps, act, act_param);
-  return {out[0], out[1], out[2]};
+  return bn_act_recorded(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act,
+                         act_param);
 }
 
 // the composite layer op: one dispatcher call forward, one autograd node backward

@@ -21,9 +21,11 @@
 // and the convolution.
 //
 // Autograd: two nodes, as the unfused unit's two halves -- the `bn_act` composite's node and
-// ConvOfRebuiltFunction below (the convolution with h rebuilt) -- so the convolution's incoming
+// ConvOfRebuiltBackward below (the convolution with h rebuilt) -- so the convolution's incoming
 // gradient and the rebuilt h are freed before the BN node's backward runs (see
 // csrc/ops/conv_layers/conv_bn_act.cpp for why one node for both raised the peak).
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <string>
@@ -60,85 +62,113 @@ Tensor bn_act_conv_layer(const Tensor& x, const Tensor& bn_weight, const Tensor&
 
 // What h is rebuilt from: the BN input and parameters, and the statistics the forward used (the
 // batch statistics in training, the running statistics in eval). Not autograd inputs of the
-// convolution's node (a plain struct: torch::autograd::Function gives it no edge).
+// convolution's node (a plain struct, no edge).
 struct HRecipe {
   Tensor x, bn_weight, bn_bias, mean, var;
   bool training;
 };
 
-struct ConvOfRebuiltFunction : public torch::autograd::Function<ConvOfRebuiltFunction> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& h, const Tensor& weight, const OptT& bias,
-                        const OptT& residual, const HRecipe& recipe, IntList stride, IntList padding,
-                        IntList dilation, int64_t groups, double eps, c10::string_view act, double act_param) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const Tensor y = conv(h, weight, bias, stride, padding, dilation, groups, residual);
-    // x through save_for_backward (a fused model's saved-tensor hooks may keep it as a recipe
-    // of its own; in-place changes are caught); in eval the running statistics too (buffers
-    // others may change). The BN parameters and batch statistics as in the bn_act node.
-    if (recipe.training) {
-      ctx->save_for_backward({recipe.x, weight});
-      ctx->saved_data["mean"] = recipe.mean;
-      ctx->saved_data["var"] = recipe.var;
-    } else {
-      ctx->save_for_backward({recipe.x, weight, recipe.mean, recipe.var});
-    }
-    ctx->saved_data["bn_weight"] = recipe.bn_weight;
-    ctx->saved_data["bn_bias"] = recipe.bn_bias;
-    ctx->saved_data["versions"] = std::vector<int64_t>{static_cast<int64_t>(recipe.bn_weight._version()),
-                                                       static_cast<int64_t>(recipe.bn_bias._version())};
-    Edges e;
-    e.add(h);
-    e.add(weight);
-    e.add(bias);
-    e.add(residual);
-    ctx->saved_data["edges"] = c10::IValue(e.index);
-    ctx->saved_data["training"] = recipe.training;
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->saved_data["stride"] = stride.vec();
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["dilation"] = dilation.vec();
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["act"] = std::string(act);
-    ctx->saved_data["act_param"] = act_param;
-    return y;
+// The convolution's backward node, written as ATen's generated nodes are (plain members, no
+// torch::autograd::Function saved_data map: see BnActBackward in csrc/ops/bn_act/bn_act.cpp).
+// Edges: h, weight, bias, residual (an absent one gets an invalid edge).
+struct ConvOfRebuiltBackward final : public torch::autograd::Node {
+  // x through SavedVariable (a fused model's saved-tensor hooks may keep it as a recipe of its
+  // own; in-place changes are caught), the convolution weight too (as ATen's convolution node
+  // keeps it); in eval the running statistics (buffers others may change). The BN parameters
+  // and batch statistics as in the bn_act node: plain members, the parameters' versions checked.
+  torch::autograd::SavedVariable x, weight, running_mean, running_var;
+  Tensor mean, var, bn_weight, bn_bias;
+  uint32_t bn_weight_version = 0, bn_bias_version = 0;
+  bool training = true, has_bias = false;
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups = 1;
+  double eps = 0.0, act_param = 0.0;
+  std::string act;
+
+  std::string name() const override { return "fastcnn::ConvOfRebuiltBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    x.reset_data();
+    weight.reset_data();
+    running_mean.reset_data();
+    running_var.reset_data();
+    mean.reset();
+    var.reset();
+    bn_weight.reset();
+    bn_bias.reset();
   }
 
-  // grads by reference: the incoming gradient is let go of as soon as the convolution's
-  // backward has used it (kept only as the residual's gradient)
-  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
-    variable_list out(12);
-    if (!grads[0].defined()) return out;
-    auto& d = ctx->saved_data;
-    const auto saved = ctx->get_saved_variables();
-    const Tensor bn_weight = d["bn_weight"].toTensor(), bn_bias = d["bn_bias"].toTensor();
-    const auto versions = d["versions"].toIntVector();
-    TORCH_CHECK(bn_weight._version() == static_cast<uint32_t>(versions[0]) &&
-                    bn_bias._version() == static_cast<uint32_t>(versions[1]),
+  // the incoming gradient is let go of as soon as the convolution's backward has used it
+  // (kept only as the residual's gradient)
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    TORCH_CHECK(bn_weight.defined(),
+                "fastcnn: trying to backward through a fused bn_act_conv a second time (or after its saved tensors "
+                "were freed); specify retain_graph=True if you need to backward twice");
+    TORCH_CHECK(bn_weight._version() == bn_weight_version && bn_bias._version() == bn_bias_version,
                 "fastcnn: a BatchNorm weight or bias used by a fused bn_act_conv was modified in place between "
                 "forward and backward (e.g. an optimizer step before backward); its gradient would be wrong");
-    const std::vector<int64_t> edges = d["edges"].toIntVector();
-    const bool training = d["training"].toBool();
+    variable_list out(4);
+    if (!grads[0].defined()) return out;
+    const Tensor x_ = x.unpack(), weight_ = weight.unpack();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const Tensor &x = saved[0], &weight = saved[1];
-    const Tensor mean = training ? d["mean"].toTensor() : saved[2];
-    const Tensor var = training ? d["var"].toTensor() : saved[3];
-    const Tensor h = op_bn_act_apply().call(x, bn_weight, bn_bias, std::nullopt, mean, var, d["eps"].toDouble(),
-                                            d["act"].toStringRef(), d["act_param"].toDouble());
-    const bool has_bias = d["has_bias"].toBool();
-    const std::vector<int64_t> bias_sizes{weight.size(0)};
+    const Tensor m = training ? mean : running_mean.unpack();
+    const Tensor v = training ? var : running_var.unpack();
+    const Tensor h = op_bn_act_apply().call(x_, bn_weight, bn_bias, std::nullopt, m, v, eps, act, act_param);
+    const std::vector<int64_t> bias_sizes{weight_.size(0)};
+    const bool need_bias = has_bias && task_should_compute_output(2);
     auto [gh, gw, gb] = at::convolution_backward(
-        grads[0], h, weight, has_bias ? c10::OptionalIntArrayRef(bias_sizes) : c10::OptionalIntArrayRef(),
-        d["stride"].toIntVector(), d["padding"].toIntVector(), d["dilation"].toIntVector(), false, {0, 0},
-        d["groups"].toInt(), {needs_grad(ctx, edges, 0), needs_grad(ctx, edges, 1), has_bias && needs_grad(ctx, edges, 2)});
-    if (needs_grad(ctx, edges, 3)) out[3] = grads[0];
+        grads[0], h, weight_, has_bias ? c10::OptionalIntArrayRef(bias_sizes) : c10::OptionalIntArrayRef(), stride,
+        padding, dilation, false, {0, 0}, groups,
+        {task_should_compute_output(0), task_should_compute_output(1), need_bias});
+    if (task_should_compute_output(3)) out[3] = grads[0];
     grads[0].reset();
-    out[0] = gh;
-    out[1] = gw;
-    if (has_bias) out[2] = gb;
+    out[0] = std::move(gh);
+    out[1] = std::move(gw);
+    if (need_bias) out[2] = std::move(gb);
     return out;
   }
 };
+
+// y = conv(h) (+ residual) with ConvOfRebuiltBackward recorded: h's graph edge is the bn_act
+// node's output, and the node keeps what h is rebuilt from instead of h
+Tensor conv_of_rebuilt(const Tensor& h, const Tensor& weight, const OptT& bias, const OptT& residual,
+                       const HRecipe& recipe, IntList stride, IntList padding, IntList dilation, int64_t groups,
+                       double eps, c10::string_view act, double act_param) {
+  const Tensor b = or_undefined(bias), r = or_undefined(residual);
+  auto node = make_node<ConvOfRebuiltBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(h, weight, b, r));
+  Tensor y;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    y = conv(h, weight, bias, stride, padding, dilation, groups, residual);
+  }
+  node->x = torch::autograd::SavedVariable(recipe.x, false);
+  node->weight = torch::autograd::SavedVariable(weight, false);
+  if (recipe.training) {
+    node->mean = recipe.mean;
+    node->var = recipe.var;
+  } else {
+    node->running_mean = torch::autograd::SavedVariable(recipe.mean, false);
+    node->running_var = torch::autograd::SavedVariable(recipe.var, false);
+  }
+  node->bn_weight = recipe.bn_weight;
+  node->bn_bias = recipe.bn_bias;
+  node->bn_weight_version = recipe.bn_weight._version();
+  node->bn_bias_version = recipe.bn_bias._version();
+  node->training = recipe.training;
+  node->has_bias = b.defined();
+  node->stride = stride.vec();
+  node->padding = padding.vec();
+  node->dilation = dilation.vec();
+  node->groups = groups;
+  node->eps = eps;
+  node->act = std::string(act);
+  node->act_param = act_param;
+  torch::autograd::set_history(y, NodePtr(node));
+  return y;
+}
 
 // the Autograd-key kernel: the bn_act composite's node, then the convolution's (above)
 Tensor bn_act_conv_autograd(const Tensor& x, const Tensor& bn_weight, const Tensor& bn_bias,
@@ -156,8 +186,7 @@ Tensor bn_act_conv_autograd(const Tensor& x, const Tensor& bn_weight, const Tens
     return conv(h, weight, bias, stride, padding, dilation, groups, residual);
   const HRecipe recipe{x, bn_weight, bn_bias, training ? mean : *running_mean, training ? var : *running_var,
                        training};
-  return ConvOfRebuiltFunction::apply(h, weight, bias, residual, recipe, stride, padding, dilation, groups, eps,
-                                      act, act_param);
+  return conv_of_rebuilt(h, weight, bias, residual, recipe, stride, padding, dilation, groups, eps, act, act_param);
 }
 
 }  // namespace
