@@ -466,7 +466,7 @@ def _slug(text):
 
 # --------------------------------------------------------------------------- summary for README
 
-def summary(models, host, training):
+def summary(models, host, training, instructions=()):
     lines = []
     gpu = [r for r in models if r["device_type"] == "cuda"]
     if not gpu:
@@ -502,6 +502,15 @@ def summary(models, host, training):
                 lines.append(f"- {device}, host overhead of a fused layer ({v}): "
                              f"{min(ratios.values()):.2f}-{max(ratios.values()):.2f}x eager "
                              f"(worst: {worst[0]} {worst[1]}; target <= 1.00x).")
+    for (device,), group in grouped(list(instructions), "device"):
+        table = {(r["layer"], r["mode"], r["variant"]): r["instructions_per_call"] for r in group}
+        ratios = {(layer, mode): f / table[(layer, mode, "eager")] for (layer, mode, v), f in table.items()
+                  if v == "fused" and (layer, mode, "eager") in table}
+        if ratios:
+            worst = max(ratios, key=ratios.get)
+            lines.append(f"- {device}, host instructions per fused layer call (callgrind, {group[0]['date']}): "
+                         f"{min(ratios.values()):.2f}-{max(ratios.values()):.2f}x eager "
+                         f"(highest: {worst[0]} {worst[1]}).")
     fused = [r for r in training if _cfg(r).get("fused")]
     plain = [r for r in training if not _cfg(r).get("fused")]
     if fused and plain:
@@ -544,7 +553,7 @@ def main(argv=None) -> int:
         if args.print:
             for name, body in sections.items():
                 print(f"## {name}\n\n{body}")
-            print(summary(models, host, training))
+            print(summary(models, host, training, instructions))
             return 0
         plots = charts(models, host, training, args.plots)
         if plots:
@@ -553,7 +562,7 @@ def main(argv=None) -> int:
         text = args.results.read_text()
         for name, body in sections.items():
             text = replace_section(text, name, body, args.results)
-        readme = replace_section(args.readme.read_text(), "summary", summary(models, host, training), args.readme)
+        readme = replace_section(args.readme.read_text(), "summary", summary(models, host, training, instructions), args.readme)
         args.results.write_text(text)  # both checked before either is written
         args.readme.write_text(readme)
     except ReportError as e:

@@ -148,6 +148,7 @@ def test_report_instruction_section(tmp_path):
     text = results.read_text()
     assert "old host-instructions" not in text
     assert "| BnAct | train | 1,000 | 900 | 0.900 |" in text
+    assert "host instructions per fused layer call (callgrind, 2026-12-02): 0.90-0.90x eager" in readme.read_text()
 
 
 def test_host_instructions_reads_callgrind_dumps(tmp_path):
