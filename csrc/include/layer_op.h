@@ -1,8 +1,9 @@
 // What the composite layer ops (csrc/ops/conv_layers/conv_bn_act.cpp and conv_act.cpp, the
 // `bn_act` and `se_block` composites in csrc/ops/bn_act/bn_act.cpp and
 // csrc/ops/se_block/se_block.cpp) share: calling the primitive ops through the dispatcher, the
-// BatchNorm running-statistics update, and bookkeeping for their autograd Functions written in
-// C++.
+// BatchNorm running-statistics update, and bookkeeping for their C++ autograd (the
+// torch::autograd::Function helpers of conv_act and se_block; make_node for the hand-written
+// nodes of bn_act and bn_act_conv, which skip a Function's saved_data map).
 //
 // Why composites: a fused layer used to be several Python-level calls (convolution, the
 // primitive op with a Python autograd formula, the running-statistics update, eval folding),
