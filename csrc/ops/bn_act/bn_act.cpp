@@ -172,16 +172,10 @@ namespace {
 // invalid edge, which the engine skips).
 struct BnActBackward final : public torch::autograd::Node {
   // x (and the residual) through SavedVariable: autograd's in-place check, and the saved-tensor
-  // hooks of a fused model (fastcnn.recompute) see them. The batch statistics are this node's
-  // own [C] vectors and the BN parameters leaves whose versions are checked below: plain
-  // members, past the hooks (one Python call each inside a fused model). In eval the running
-  // statistics are buffers others may change: SavedVariables.
-  torch::autograd::SavedVariable x, residual, running_mean, running_var;
-  Tensor mean, var, weight, bias;
-  uint32_t weight_version = 0, bias_version = 0;
-  bool training = true;
-  double eps = 0.0, act_param = 0.0;
-  std::string act;
+  // hooks of a fused model (fastcnn.recompute) see them; the BN parameters and statistics as
+  // SavedBn keeps them (csrc/ops/bn_act/bn_act.h)
+  torch::autograd::SavedVariable x, residual;
+  SavedBn bn;
 
   std::string name() const override { return "fastcnn::BnActBackward"; }
 
@@ -189,29 +183,19 @@ struct BnActBackward final : public torch::autograd::Node {
     std::lock_guard<std::mutex> lock(mutex_);
     x.reset_data();
     residual.reset_data();
-    running_mean.reset_data();
-    running_var.reset_data();
-    mean.reset();
-    var.reset();
-    weight.reset();
-    bias.reset();
+    bn.release();
   }
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    TORCH_CHECK(weight.defined(),
-                "fastcnn: trying to backward through a fused bn_act a second time (or after its saved tensors were "
-                "freed); specify retain_graph=True if you need to backward twice");
-    TORCH_CHECK(weight._version() == weight_version && bias._version() == bias_version,
-                "fastcnn: a BatchNorm weight or bias used by a fused bn_act was modified in place between "
-                "forward and backward (e.g. an optimizer step before backward); its gradient would be wrong");
+    bn.check("bn_act");
     const Tensor x_ = x.unpack(), r_ = residual.unpack();
     variable_list out(4);
     if (!grads[0].defined()) return out;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const Tensor m = training ? mean : running_mean.unpack();
-    const Tensor v = training ? var : running_var.unpack();
-    BnLayerGrad g = bn_layer_backward(grads[0], x_, weight, bias, r_, m, v, training, eps, act, act_param);
+    const auto [m, v] = bn.statistics();
+    BnLayerGrad g = bn_layer_backward(grads[0], x_, bn.weight, bn.bias, r_, m, v, bn.training, bn.eps, bn.act,
+                                      bn.act_param);
     out[0] = std::move(g.gz);
     out[1] = std::move(g.gweight);
     out[2] = std::move(g.gbias);
@@ -236,21 +220,8 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_recorded(const Tensor& x, const Tensor
   }
   node->x = torch::autograd::SavedVariable(x, false);
   node->residual = torch::autograd::SavedVariable(r, false);
-  if (training) {
-    node->mean = o.mean;
-    node->var = o.var;
-  } else {
-    node->running_mean = torch::autograd::SavedVariable(*running_mean, false);
-    node->running_var = torch::autograd::SavedVariable(*running_var, false);
-  }
-  node->weight = weight;
-  node->bias = bias;
-  node->weight_version = weight._version();
-  node->bias_version = bias._version();
-  node->training = training;
-  node->eps = eps;
-  node->act = std::string(act);
-  node->act_param = act_param;
+  node->bn.save(weight, bias, training ? o.mean : *running_mean, training ? o.var : *running_var, training, eps, act,
+                act_param);
   auto [y, m, v] = bn_act_outputs(x, std::move(o));
   torch::autograd::set_history(y, NodePtr(node));  // the batch statistics stay outside the graph
   return {y, m, v};

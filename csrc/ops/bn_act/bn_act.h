@@ -6,9 +6,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/saved_variable.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
+#include <utility>
 
 namespace fastcnn {
 
@@ -36,6 +39,68 @@ BnLayerGrad bn_layer_backward(const at::Tensor& gy, const at::Tensor& z, const a
                               const at::Tensor& bias, const at::Tensor& residual, const at::Tensor& mean,
                               const at::Tensor& var, bool training, double eps, c10::string_view act,
                               double act_param);
+
+// What a hand-written backward node keeps of a BN+activation forward to differentiate it
+// (BnActBackward) or to rebuild its output (bn_act_conv's convolution node): the BN parameters
+// -- leaves, kept as they are with their versions checked in backward, past the saved-tensor
+// hooks -- and the statistics the forward used: in training the batch statistics (the node's
+// own [C] vectors, plain members), in eval the running statistics (buffers others may change:
+// SavedVariables, with autograd's in-place check).
+struct SavedBn {
+  at::Tensor weight, bias, batch_mean, batch_var;
+  torch::autograd::SavedVariable running_mean, running_var;
+  uint32_t weight_version = 0, bias_version = 0;
+  bool training = true;
+  double eps = 0.0, act_param = 0.0;
+  std::string act;
+
+  // mean/var: the batch statistics in training, the running statistics in eval
+  void save(const at::Tensor& w, const at::Tensor& b, const at::Tensor& mean, const at::Tensor& var, bool train,
+            double eps_, c10::string_view act_, double act_param_) {
+    weight = w;
+    bias = b;
+    weight_version = w._version();
+    bias_version = b._version();
+    training = train;
+    if (train) {
+      batch_mean = mean;
+      batch_var = var;
+    } else {
+      running_mean = torch::autograd::SavedVariable(mean, false);
+      running_var = torch::autograd::SavedVariable(var, false);
+    }
+    eps = eps_;
+    act = std::string(act_);
+    act_param = act_param_;
+  }
+
+  void release() {
+    weight.reset();
+    bias.reset();
+    batch_mean.reset();
+    batch_var.reset();
+    running_mean.reset_data();
+    running_var.reset_data();
+  }
+
+  // in backward, before anything is computed: released (a second backward) or the parameters
+  // changed in place since forward are errors naming the fused op
+  void check(const char* op) const {
+    TORCH_CHECK(weight.defined(), "fastcnn: trying to backward through a fused ", op,
+                " a second time (or after its saved tensors were freed); specify retain_graph=True if you need "
+                "to backward twice");
+    TORCH_CHECK(weight._version() == weight_version && bias._version() == bias_version,
+                "fastcnn: a BatchNorm weight or bias used by a fused ", op,
+                " was modified in place between forward and backward (e.g. an optimizer step before backward); "
+                "its gradient would be wrong");
+  }
+
+  // (mean, var) as the forward used them
+  std::pair<at::Tensor, at::Tensor> statistics() {
+    if (training) return {batch_mean, batch_var};
+    return {running_mean.unpack(), running_var.unpack()};
+  }
+};
 
 // The `bn_act` composite op: (y, batch mean, batch var; eval: empty statistics).
 // bn_act_layer computes it below autograd; bn_act_autograd records one autograd node (the

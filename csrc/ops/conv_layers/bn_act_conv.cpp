@@ -74,16 +74,12 @@ struct HRecipe {
 struct ConvOfRebuiltBackward final : public torch::autograd::Node {
   // x through SavedVariable (a fused model's saved-tensor hooks may keep it as a recipe of its
   // own; in-place changes are caught), the convolution weight too (as ATen's convolution node
-  // keeps it); in eval the running statistics (buffers others may change). The BN parameters
-  // and batch statistics as in the bn_act node: plain members, the parameters' versions checked.
-  torch::autograd::SavedVariable x, weight, running_mean, running_var;
-  Tensor mean, var, bn_weight, bn_bias;
-  uint32_t bn_weight_version = 0, bn_bias_version = 0;
-  bool training = true, has_bias = false;
+  // keeps it); the BN parameters and statistics as the bn_act node keeps them (SavedBn)
+  torch::autograd::SavedVariable x, weight;
+  SavedBn bn;
+  bool has_bias = false;
   std::vector<int64_t> stride, padding, dilation;
   int64_t groups = 1;
-  double eps = 0.0, act_param = 0.0;
-  std::string act;
 
   std::string name() const override { return "fastcnn::ConvOfRebuiltBackward"; }
 
@@ -91,31 +87,21 @@ struct ConvOfRebuiltBackward final : public torch::autograd::Node {
     std::lock_guard<std::mutex> lock(mutex_);
     x.reset_data();
     weight.reset_data();
-    running_mean.reset_data();
-    running_var.reset_data();
-    mean.reset();
-    var.reset();
-    bn_weight.reset();
-    bn_bias.reset();
+    bn.release();
   }
 
   // the incoming gradient is let go of as soon as the convolution's backward has used it
   // (kept only as the residual's gradient)
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    TORCH_CHECK(bn_weight.defined(),
-                "fastcnn: trying to backward through a fused bn_act_conv a second time (or after its saved tensors "
-                "were freed); specify retain_graph=True if you need to backward twice");
-    TORCH_CHECK(bn_weight._version() == bn_weight_version && bn_bias._version() == bn_bias_version,
-                "fastcnn: a BatchNorm weight or bias used by a fused bn_act_conv was modified in place between "
-                "forward and backward (e.g. an optimizer step before backward); its gradient would be wrong");
+    bn.check("bn_act_conv");
     variable_list out(4);
     if (!grads[0].defined()) return out;
     const Tensor x_ = x.unpack(), weight_ = weight.unpack();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const Tensor m = training ? mean : running_mean.unpack();
-    const Tensor v = training ? var : running_var.unpack();
-    const Tensor h = op_bn_act_apply().call(x_, bn_weight, bn_bias, std::nullopt, m, v, eps, act, act_param);
+    const auto [m, v] = bn.statistics();
+    const Tensor h =
+        op_bn_act_apply().call(x_, bn.weight, bn.bias, std::nullopt, m, v, bn.eps, bn.act, bn.act_param);
     const std::vector<int64_t> bias_sizes{weight_.size(0)};
     const bool need_bias = has_bias && task_should_compute_output(2);
     auto [gh, gw, gb] = at::convolution_backward(
@@ -146,26 +132,12 @@ Tensor conv_of_rebuilt(const Tensor& h, const Tensor& weight, const OptT& bias, 
   }
   node->x = torch::autograd::SavedVariable(recipe.x, false);
   node->weight = torch::autograd::SavedVariable(weight, false);
-  if (recipe.training) {
-    node->mean = recipe.mean;
-    node->var = recipe.var;
-  } else {
-    node->running_mean = torch::autograd::SavedVariable(recipe.mean, false);
-    node->running_var = torch::autograd::SavedVariable(recipe.var, false);
-  }
-  node->bn_weight = recipe.bn_weight;
-  node->bn_bias = recipe.bn_bias;
-  node->bn_weight_version = recipe.bn_weight._version();
-  node->bn_bias_version = recipe.bn_bias._version();
-  node->training = recipe.training;
+  node->bn.save(recipe.bn_weight, recipe.bn_bias, recipe.mean, recipe.var, recipe.training, eps, act, act_param);
   node->has_bias = b.defined();
   node->stride = stride.vec();
   node->padding = padding.vec();
   node->dilation = dilation.vec();
   node->groups = groups;
-  node->eps = eps;
-  node->act = std::string(act);
-  node->act_param = act_param;
   torch::autograd::set_history(y, NodePtr(node));
   return y;
 }
