@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import threading
 import weakref
 
@@ -146,10 +147,15 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 def measure_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  optimizer: torch.optim.Optimizer | None = None,
-                 amp_dtype: torch.dtype | None = None) -> StepMemory:
+                 amp_dtype: torch.dtype | None = None, collect_garbage: bool = False) -> StepMemory:
     """Measure one training step of ``model`` on ``(x, y)`` (cross-entropy loss, then
     ``optimizer.step()``; an SGD-momentum optimizer whose state already exists is made if none
-    is given, so the figure is that of a steady-state step, not the first one)."""
+    is given, so the figure is that of a steady-state step, not the first one).
+
+    ``collect_garbage``: run Python's garbage collector before reading the after-forward
+    figure, for code that leaves tensors in reference cycles, which live until a collection
+    happens to run (the Triton interpreter's launcher does, with copies of kernel arguments);
+    without it such a figure depends on when the collector last ran."""
     import torch.nn.functional as F
 
     if optimizer is None:
@@ -165,6 +171,8 @@ def measure_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         mt.reset_peak()
         with _autocast(x.device, amp_dtype):
             loss = F.cross_entropy(model(x), y)
+        if collect_garbage:
+            gc.collect()
         after_forward = mt.live - static - _nbytes(x) - _nbytes(y)
         loss.backward()
         del loss
