@@ -16,7 +16,9 @@ as a recipe and rebuilt in backward (:mod:`fastcnn.recompute`), which a lone lay
 output nothing inside it consumes, never does. Modes: ``train`` (forward +
 backward, batch statistics) and ``eval`` (forward, no grad). Variants: ``eager`` (the same
 module with ``fused=False``) and ``fused-<backend>`` for every backend built for the device
-(on CPU the Triton interpreter is not timed). On CPU the benchmark runs on one thread (host
+(on CPU the Triton interpreter is not timed); for the stacks in training also
+``fused-<backend>+keep``, the fused stack with its outputs kept instead of rebuilt (what the
+recipes cost the host is the difference). On CPU the benchmark runs on one thread (host
 work is single-threaded; a second thread only adds noise); each round is 20 calls.
 
 Side by side: a fused variant's test also times the same layer eager, in alternation with its
@@ -37,6 +39,7 @@ from torch import nn
 
 import fastcnn
 from bench import harness
+from fastcnn import recompute
 from fastcnn.layers import BnAct, BnActConv, ConvAct, ConvBnAct, set_fused
 from fastcnn.layers.squeeze_excite import SqueezeExcite
 
@@ -57,8 +60,21 @@ LAYERS = {  # name: (module factory, with a residual argument, layers per call)
 MODES = ["train", "eval"]
 
 
-def _variants():
-    return ["eager"] + [f"fused-{b}" for b in harness.fused_backends()]
+def _cases():
+    """(layer, mode, variant): every layer and mode eager and fused on each backend; and the
+    stacks in training also ``fused-<backend>+keep`` (``fastcnn.recompute.disable``, as
+    ``train --keep-activations``): the same fused layers with every output kept rather than
+    rebuilt, so that the host cost of the rebuild recipes reads off the pair. (A lone layer,
+    and any layer in eval, has no recipes: +keep would time the same calls.)"""
+    fused = [f"fused-{b}" for b in harness.fused_backends()]
+    cases = []
+    for layer in LAYERS:
+        for mode in MODES:
+            variants = ["eager"] + fused
+            if LAYERS[layer][2] > 1 and mode == "train":
+                variants += [f"{v}+keep" for v in fused]
+            cases += [(layer, mode, v) for v in variants]
+    return cases
 
 
 @pytest.fixture
@@ -72,11 +88,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _rounds(layer, mode, fused):
-    """A function running one round (CALLS_PER_ROUND calls) of ``layer`` in ``mode``."""
+def _rounds(layer, mode, fused, keep=False):
+    """A function running one round (CALLS_PER_ROUND calls) of ``layer`` in ``mode`` (fused:
+    ``keep`` turns the rebuild recipes off)."""
     make, with_residual, _ = LAYERS[layer]
     torch.manual_seed(0)
     module = set_fused(make(), fused).to(harness.DEVICE).train(mode == "train")
+    if keep:
+        recompute.disable(module)
     x = torch.randn(N, C, H, W, device=harness.DEVICE).contiguous(memory_format=torch.channels_last)
     residual = torch.randn_like(x) if with_residual else None
     if mode == "train":
@@ -100,15 +119,13 @@ def _rounds(layer, mode, fused):
     return rounds
 
 
-@pytest.mark.parametrize("variant", _variants())
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("layer, mode, variant", _cases(), ids=["-".join(c) for c in _cases()])
 def test_host_overhead(benchmark, one_thread, layer, mode, variant):
     harness.skip_unavailable(variant)
     fused, backend, _ = harness.parse_variant(variant)
     timer = time.perf_counter if harness.CUDA else time.process_time
     benchmark._timer = timer  # pytest-benchmark's clock for this test (see the module docstring)
-    rounds = _rounds(layer, mode, fused)
+    rounds = _rounds(layer, mode, fused, keep=harness.keeps_activations(variant))
     eager_rounds = _rounds(layer, mode, False) if fused else None
     eager_times = []
 

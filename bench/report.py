@@ -268,7 +268,8 @@ def host_table(results):
         out.append(f"Measured: {stamp(group)}; tensors {group[0]['shape']}, time per layer call "
                    f"(median of rounds of 20 calls; clock: {group[0].get('timer', 'perf_counter')}); "
                    "\"x8\" rows: a stack of 8 such layers in an nn.Sequential, time per layer, where each "
-                   "fused output is kept as a recipe and rebuilt in backward. "
+                   "fused output is kept as a recipe and rebuilt in backward (\"+keep\": kept as a tensor "
+                   "instead, `fastcnn.recompute.disable`, as `train --keep-activations`). "
                    + ("Ratios: each fused variant against eager timed side by side in the same test. " if side else "")
                    + "Target: fused / eager <= 1.00. Command: "
                    + "; ".join(f"`{c}`" for c in commands(group)) + "\n")
@@ -394,9 +395,10 @@ def charts(models, host, training, plots_dir: Path):
         eager = {(r["layer"], r["mode"]): r["per_call_us"] for r in group if r["variant"] == "eager"}
         keys = sorted(eager)
         variants = [v for v in variant_order({r["variant"] for r in group}) if v != "eager"]
+        table = {(r["layer"], r["mode"], r["variant"]): r for r in group}
         _bars(ax, [f"{l}\n{m}" for l, m in keys],
-              {v: [host_ratio(next(r for r in group if (r["layer"], r["mode"], r["variant"]) == (l, m, v)),
-                              eager[(l, m)]) for l, m in keys]
+              {v: [host_ratio(table[(l, m, v)], eager[(l, m)]) if (l, m, v) in table else float("nan")
+                   for l, m in keys]
                for v in variants})
         ax.axhline(1.0, color="red", ls="--", lw=1, label="eager (target)")
         ax.set_ylabel("host time per call, relative to eager")
@@ -499,7 +501,9 @@ def summary(models, host, training, instructions=()):
                       for r in group if r["variant"] == v and (r["layer"], r["mode"]) in eager}
             if ratios:
                 worst = max(ratios, key=ratios.get)
-                lines.append(f"- {device}, host overhead of a fused layer ({v}): "
+                what = ("a fused stack in training with its outputs kept, not rebuilt" if v.endswith("+keep")
+                        else "a fused layer")
+                lines.append(f"- {device}, host overhead of {what} ({v}): "
                              f"{min(ratios.values()):.2f}-{max(ratios.values()):.2f}x eager "
                              f"(worst: {worst[0]} {worst[1]}; target <= 1.00x).")
     for (device,), group in grouped(list(instructions), "device"):

@@ -24,8 +24,8 @@ once, not once per use; :data:`MAX_DEPTH` bounds how long a chain may grow.
 Safety: a tensor changed in place after it was produced (its version counter moved) is saved
 as usual; a tensor a recipe holds as is (no recipe of its own) that is changed in place before
 the rebuild is a clear error at rebuild time, and so is any tensor the graph keeps as is that is
-changed in place before backward (:class:`_Saved`: autograd's own check of saved tensors, which
-it skips for tensors saved through hooks). Nothing is marked unless the hooks are active and
+changed in place before backward (:func:`_changed_in_place`: autograd's own check of saved
+tensors, which it skips for tensors saved through hooks). Nothing is marked unless the hooks are active and
 the op records a backward, so inference and standalone layers keep no extra references. Under
 ``torch.compile`` the hooks stay off (the compiler plans memory itself).
 """
@@ -39,12 +39,25 @@ import torch
 from torch import nn
 
 _ATTR = "_fastcnn_rebuild"
-_state = threading.local()
+
+
+class _ThreadState(threading.local):
+    """Per thread (saved-tensor hooks are per thread): how deep in hooked forwards
+    (:func:`active`), the measuring observer, the hook contexts of the models' forwards. Class
+    defaults rather than ``getattr(local, name, default)``, which raises and catches an
+    AttributeError for a missing name (1.3 us; this is read on every fused layer call)."""
+
+    depth = 0
+    observer = None
+    contexts = None
+
+
+_state = _ThreadState()
 
 
 def active() -> bool:
     """True while a fused model's forward runs with the rebuild hooks installed."""
-    return getattr(_state, "depth", 0) > 0 and not torch.compiler.is_compiling()
+    return _state.depth > 0 and not torch.compiler.is_compiling()
 
 
 #: Longest chain of recipes built on recipes (see :func:`mark_rebuildable`). A post-activation
@@ -73,7 +86,7 @@ class Recipe:
         # args: fn's arguments with each captured input in place (a _Kept or _Rebuild);
         # slots: the positions of those, or None when they may be nested in tuples / lists
         self.fn, self.args, self.slots, self.depth = fn, args, slots, depth
-        self.shape, self.stride = tuple(root.shape), root.stride()
+        self.shape, self.stride = root.shape, root.stride()
         self.version = root._version
         self._orig = weakref.ref(root)
         self._value = None
@@ -95,10 +108,10 @@ class Recipe:
                 root = self.fn(*args)
         else:
             root = self.fn(*args)
-        if root.stride() != self.stride or tuple(root.shape) != self.shape:
+        if root.stride() != self.stride or root.shape != self.shape:
             raise RuntimeError(
                 f"fastcnn: rebuilt activation has shape {tuple(root.shape)} / strides {root.stride()}, "
-                f"expected {self.shape} / {self.stride}")
+                f"expected {tuple(self.shape)} / {self.stride}")
         self._value = root
         return root
 
@@ -217,21 +230,33 @@ def mark_rebuildable(y: torch.Tensor, fn: Callable[..., torch.Tensor], *args, in
         return False
     if y._base is not None:
         raise ValueError("mark_rebuildable needs the tensor that owns the storage, not a view")
-    if inputs is None:
-        captured, depth = _capture_all(args)
-        slots = None
-    else:
-        captured, depth, slots = list(args), 0, []
-        for i in inputs:
-            a = args[i]
-            if a is not None:
-                c = captured[i] = capture(a)
-                depth = max(depth, c.depth)
-                slots.append(i)
+    if inputs is not None:
+        return mark_op_output(y, fn, args, inputs)
+    captured, depth = _capture_all(args)
     depth += 1
     if depth > MAX_DEPTH:
         return False
-    setattr(y, _ATTR, Recipe(fn, captured, slots, y, depth))
+    setattr(y, _ATTR, Recipe(fn, captured, None, y, depth))
+    return True
+
+
+def mark_op_output(y: torch.Tensor, fn: Callable[..., torch.Tensor], args: tuple, inputs: tuple) -> bool:
+    """:func:`mark_rebuildable` for a fused op's own output, on the hot path of every fused
+    layer in training: the caller has checked :func:`active`, ``y`` is the op's fresh output
+    (owns its storage), ``args`` are ``fn``'s arguments and ``inputs`` the positions among them
+    that may be rebuildable activations (None there is skipped). The same recipe, without the
+    generic argument handling."""
+    captured, depth, slots = list(args), 0, []
+    for i in inputs:
+        a = args[i]
+        if a is not None:
+            c = captured[i] = _recipe_of(a) or _Kept(a)
+            if c.depth > depth:
+                depth = c.depth
+            slots.append(i)
+    if depth >= MAX_DEPTH:
+        return False
+    setattr(y, _ATTR, Recipe(fn, captured, slots, y, depth + 1))
     return True
 
 
@@ -251,35 +276,31 @@ def cat(tensors, dim: int = 1) -> torch.Tensor:
     return y
 
 
-class _Saved:
-    """A tensor the graph keeps as is, with the check autograd makes of every saved tensor --
-    changed in place between forward and backward is an error -- and skips for tensors that
-    saved-tensor hooks pack (as these do)."""
-
-    __slots__ = ("tensor", "version")
-
-    def __init__(self, t: torch.Tensor):
-        self.tensor, self.version = t, t._version
-
-    def get(self) -> torch.Tensor:
-        t = self.tensor
-        if t._version != self.version:
-            raise RuntimeError(
-                "one of the variables needed for gradient computation has been modified by an inplace "
-                f"operation: [{t.type()} {list(t.shape)}] is at version {t._version}; expected version "
-                f"{self.version} instead (fastcnn: saved inside a fused model's forward)")
-        return t
+def _changed_in_place(t: torch.Tensor, version: int) -> RuntimeError:
+    """The check autograd makes of every saved tensor -- changed in place between forward and
+    backward is an error -- and skips for tensors that saved-tensor hooks pack (as these do):
+    :func:`_pack` keeps a tensor it has no recipe for as ``(tensor, version)``, and
+    :func:`_unpack` raises this when the version moved."""
+    return RuntimeError(
+        "one of the variables needed for gradient computation has been modified by an inplace "
+        f"operation: [{t.type()} {list(t.shape)}] is at version {t._version}; expected version "
+        f"{version} instead (fastcnn: saved inside a fused model's forward)")
 
 
 def _pack(t: torch.Tensor):
-    # runs for every tensor any op saves inside a fused model's forward: kept short
-    packed = _recipe_of(t)
-    if packed is not None:
-        return packed
-    observer = _state.__dict__.get("observer")
+    # runs for every tensor any op saves inside a fused model's forward (three per layer):
+    # kept short -- _recipe_of inlined, and a tensor kept as is packed as a plain
+    # (tensor, version) tuple, checked by _unpack
+    root = t._base
+    if root is None:
+        root = t
+    recipe = getattr(root, _ATTR, None)
+    if recipe is not None and root._version == recipe.version:
+        return _Rebuild(recipe, t, root)
+    observer = _state.observer
     if observer is not None:
         observer(t)  # fastcnn.memory counts what the graph really keeps
-    return _Saved(t)
+    return (t, t._version)
 
 
 def set_observer(fn: Callable[[torch.Tensor], None] | None) -> None:
@@ -288,6 +309,11 @@ def set_observer(fn: Callable[[torch.Tensor], None] | None) -> None:
 
 
 def _unpack(packed):
+    if type(packed) is tuple:
+        t, version = packed
+        if t._version != version:
+            raise _changed_in_place(t, version)
+        return t
     return packed.get()
 
 
@@ -295,7 +321,7 @@ def _push() -> None:
     # torch.autograd.graph.saved_tensors_hooks without its context-manager object: this runs
     # on every forward of a fused model in training
     torch._C._autograd._push_saved_tensors_default_hooks(_pack, _unpack)
-    _state.depth = getattr(_state, "depth", 0) + 1
+    _state.depth += 1
 
 
 def _pop() -> None:
@@ -334,9 +360,10 @@ def _leave_hook(_module, _args, _output):
 
 
 def _contexts() -> list:
-    if not hasattr(_state, "contexts"):
-        _state.contexts = []
-    return _state.contexts
+    contexts = _state.contexts
+    if contexts is None:
+        contexts = _state.contexts = []
+    return contexts
 
 
 def enable(model: nn.Module) -> nn.Module:

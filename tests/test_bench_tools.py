@@ -43,8 +43,8 @@ def _env(**kw):
     return env
 
 
-def _write_runs(tmp_path):
-    entries = []
+def _write_runs(tmp_path, extra=()):
+    entries = list(extra)
     for model, eager_ips in (("resnet20", 100.0), ("simplenet", 10.0)):
         for variant, factor in (("eager", 1.0), ("compile", 1.25), ("fused-cpu", 2.0)):
             for workload in ("train", "infer"):
@@ -83,6 +83,23 @@ def test_report_regenerates_sections(tmp_path):
     pytest.importorskip("matplotlib")
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "host_overhead_cpu-test-cpu-2-cores.png", "models_cpu-test-cpu-2-cores-fp32.png"]
+
+
+def test_report_host_keep_variant_only_where_timed(tmp_path):
+    """Stacks in training are also timed with their outputs kept (``+keep``): a column of its
+    own, a dash where the variant was not timed, and its own summary line."""
+    extra = [_bench_entry(_env(layer="BnAct x8", mode="train", variant=v, shape="2x8x4x4", per_call_us=us,
+                               threads=1, **({"eager_per_call_us": 60.0} if v != "eager" else {})), us * 20e-6)
+             for v, us in (("eager", 60.0), ("fused-cpu", 66.0), ("fused-cpu+keep", 54.0))]
+    run, results, readme = _write_runs(tmp_path, extra)
+    rc = report.main([str(run), "--results", str(results), "--readme", str(readme), "--plots", str(tmp_path / "plots")])
+    assert rc == 0
+    text = results.read_text()
+    assert "| BnAct | train | 50 | 75 | – | 1.50 | – |" in text
+    assert "| BnAct x8 | train | 60 | 66 | 54 | 1.10 | 0.90 |" in text
+    summary = readme.read_text()
+    assert "host overhead of a fused layer (fused-cpu): 1.10-1.50x eager" in summary
+    assert "outputs kept, not rebuilt (fused-cpu+keep): 0.90-0.90x eager" in summary
 
 
 def test_report_refuses_without_markers_and_writes_nothing(tmp_path):

@@ -81,7 +81,16 @@ BACKEND_MODULES = {
     "reference": "fastcnn.ops.reference",
 }
 
-_state = threading.local()
+class _ThreadState(threading.local):
+    """The backend chosen by :func:`use_backend` in this thread (None: the process-wide one).
+    A class default rather than ``getattr(local, name, None)``: a missing attribute of a
+    ``threading.local`` raises and catches an AttributeError, about 1.3 us on every fused layer
+    call, where this read costs 0.15 us."""
+
+    override: str | None = None
+
+
+_state = _ThreadState()
 _default = os.environ.get("FASTCNN_BACKEND", "auto")
 
 
@@ -104,14 +113,14 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    return getattr(_state, "override", None) or _default
+    return _state.override or _default
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
     """``with fastcnn.use_backend("cpu"): ...`` -- temporarily choose the backend."""
     check_backend(name)
-    previous = getattr(_state, "override", None)
+    previous = _state.override
     _state.override = name
     try:
         yield

@@ -27,7 +27,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from ..recompute import active as _rebuild_active, mark_rebuildable
+from ..recompute import active as _rebuild_active, mark_op_output
 from .layout import kernel_format
 from .names import OPS
 
@@ -269,13 +269,11 @@ _CALL = {op: _direct(op) for op in ("bn_act", "conv_bn_act", "conv_act", "bn_act
 
 
 # The rebuilds run in every fused model's backward, where no forward-time mode applies: always
-# the direct entry points.
-def _rebuild_scale_shift_act(x, scale, shift, residual, act, act_param):
-    return _CALL["scale_shift_act"](x, scale, shift, residual, act, act_param)
-
-
-def _rebuild_bn_act(x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param):
-    return _CALL["bn_act_apply"](x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param)
+# the direct entry points, called by the recipe itself (no Python frame in between):
+# scale_shift_act(x, scale, shift, residual, act, act_param) and
+# bn_act_apply(x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param)
+_rebuild_scale_shift_act = _CALL["scale_shift_act"]
+_rebuild_bn_act = _CALL["bn_act_apply"]
 
 
 #: positions of the activations among a rebuild's arguments (fastcnn.recompute captures only those)
@@ -283,16 +281,14 @@ _X_AND_RESIDUAL = (0, 3)
 _X_AND_RESIDUAL_SE = (0, 5)
 
 
-def _mark_rebuildable_bn(y, x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param):
-    """Let consumers keep a recipe for ``y`` (fastcnn.recompute): ``bn_act_apply`` on the same
-    input with the forward's own batch statistics (kept anyway for the op's backward: [C]
-    vectors) gives ``y`` again bit for bit -- the same coefficients and elementwise kernel --
-    in one elementwise pass, without a second statistics pass; nothing extra is computed in
-    forward. ``x`` and ``residual`` are held as their own recipes where they have one (a
-    DenseNet concatenation, a ResNet block input), the BN weight, bias and statistics as they
-    are (the op's own backward keeps them too)."""
-    mark_rebuildable(y, _rebuild_bn_act, x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param,
-                     inputs=_X_AND_RESIDUAL)
+# A BN+activation output is rebuildable (fastcnn.recompute): bn_act_apply on the same input
+# with the forward's own batch statistics (kept anyway for the op's backward: [C] vectors)
+# gives y again bit for bit -- the same coefficients and elementwise kernel -- in one
+# elementwise pass, without a second statistics pass; nothing extra is computed in forward. The
+# input and the residual are held as their own recipes where they have one (a DenseNet
+# concatenation, a ResNet block input), the BN weight, bias and statistics as they are (the
+# op's own backward keeps them too). conv_bn_act and bn_act call mark_op_output directly (no
+# helper frame: this runs for every fused layer in training).
 
 
 def _rebuild_se(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param):
@@ -345,7 +341,8 @@ def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, training=True, m
     y, mean, var = call(x, bn_weight, bn_bias, running_mean, running_var, residual, training, momentum, eps, act,
                         act_param)
     if training and y.requires_grad and _rebuild_active():
-        _mark_rebuildable_bn(y, x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param)
+        mark_op_output(y, _rebuild_bn_act, (x, bn_weight, bn_bias, residual, mean, var, eps, act, act_param),
+                       _X_AND_RESIDUAL)
     return y
 
 
@@ -362,7 +359,8 @@ def conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, 
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, _pair(stride),
         _pair(padding), _pair(dilation), groups, training, momentum, eps, act, act_param)
     if training and y.requires_grad and _rebuild_active():
-        _mark_rebuildable_bn(y, z, bn_weight, bn_bias, residual, mean, var, eps, act, act_param)
+        mark_op_output(y, _rebuild_bn_act, (z, bn_weight, bn_bias, residual, mean, var, eps, act, act_param),
+                       _X_AND_RESIDUAL)
     return y
 
 
@@ -376,8 +374,7 @@ def conv_act(x, weight, bias, *, stride=1, padding=0, dilation=1, groups=1, act=
     y, z = call(x, weight, bias, residual, _pair(stride), _pair(padding), _pair(dilation), groups, act, act_param)
     if z.numel() and y.requires_grad and _rebuild_active():
         # the op keeps z = conv(x) (silu, gelu); consumers of y keep a recipe (fastcnn.recompute)
-        mark_rebuildable(y, _rebuild_scale_shift_act, z, None, bias, residual, act, act_param,
-                         inputs=_X_AND_RESIDUAL)
+        mark_op_output(y, _rebuild_scale_shift_act, (z, None, bias, residual, act, act_param), _X_AND_RESIDUAL)
     return y
 
 
@@ -413,8 +410,8 @@ def se_block(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, residual=None, ac
     if y.requires_grad and _rebuild_active():
         # the block output (consumed by the next block's conv and shortcut) is rebuilt from x
         # and the residual -- both recipes themselves in a fused SE-ResNeXt
-        mark_rebuildable(y, _rebuild_se, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param,
-                         inputs=_X_AND_RESIDUAL_SE)
+        mark_op_output(y, _rebuild_se, (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual, act, act_param),
+                       _X_AND_RESIDUAL_SE)
     return y
 
 
