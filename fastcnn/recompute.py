@@ -43,13 +43,13 @@ _ATTR = "_fastcnn_rebuild"
 
 class _ThreadState(threading.local):
     """Per thread (saved-tensor hooks are per thread): how deep in hooked forwards
-    (:func:`active`), the measuring observer, the hook contexts of the models' forwards. Class
+    (:func:`active`), the measuring observer (and ``contexts``, the hook contexts of the models'
+    forwards, set on first use: :func:`_contexts`). Class
     defaults rather than ``getattr(local, name, default)``, which raises and catches an
     AttributeError for a missing name (1.3 us; this is read on every fused layer call)."""
 
     depth = 0
     observer = None
-    contexts = None
 
 
 _state = _ThreadState()
@@ -360,10 +360,12 @@ def _leave_hook(_module, _args, _output):
 
 
 def _contexts() -> list:
-    contexts = _state.contexts
-    if contexts is None:
-        contexts = _state.contexts = []
-    return contexts
+    # not a class default like the others: torch.compile traces the models' forward hooks, and
+    # Dynamo's guard on a class default that this very frame then shadows fails ("guard failed
+    # on the same frame"); an attribute set once per thread it handles
+    if not hasattr(_state, "contexts"):
+        _state.contexts = []
+    return _state.contexts
 
 
 def enable(model: nn.Module) -> nn.Module:
