@@ -147,6 +147,51 @@ def test_conv_act_triton_channels_last_weight_gradient_in_place():
     assert w.grad.stride() == w.stride()
 
 
+@pytest.mark.extension
+@pytest.mark.parametrize("act, act_param, with_residual", [("relu", 0.0, False), ("elu", 1.0, True),
+                                                           ("silu", 0.0, True)], ids=("relu", "elu-res", "silu-res"))
+def test_conv_act_node_backward_twice_retain_graph_and_inplace(act, act_param, with_residual):
+    """The epilogue's hand-written autograd node (csrc/ops/conv_layers/conv_act.cpp): named, a
+    second backward without retain_graph is a clear error, with it the same gradients; the
+    output it keeps (relu, elu) or the pre-activation (silu) changed in place before backward
+    is autograd's in-place error; a bias-only gradient flows."""
+    pytest.importorskip("fastcnn._C", reason="the extension fastcnn._C is not built")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    r = torch.randn(2, 4, 6, 6, requires_grad=True) if with_residual else None
+    inputs = [t for t in (x, w, b, r) if t is not None]
+
+    def run():
+        return torch.ops.fastcnn.conv_act(x, w, b, r, [1, 1], [1, 1], [1, 1], 1, act, act_param)
+
+    y, z = run()
+    assert y.grad_fn.name() == "fastcnn::ConvActEpilogueBackward"
+    g = torch.randn_like(y)
+    y.backward(g, retain_graph=True)
+    first = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    y.backward(g)
+    assert all(torch.equal(t.grad, f) for t, f in zip(inputs, first))
+    with pytest.raises(RuntimeError, match="a second time"):
+        y.backward(g)
+    y, z = run()
+    with torch.no_grad():
+        (y if z.numel() == 0 else z).mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    # only the bias requires grad: z does not, its edge is absent, and the bias gradient flows
+    b.grad = None
+    y = torch.ops.fastcnn.conv_act(x.detach(), w.detach(), b, None, [1, 1], [1, 1], [1, 1], 1, act, act_param)[0]
+    y.backward(g)
+    ref = torch.nn.functional.conv2d(x.detach(), w.detach(), b, padding=1)
+    ref = {"relu": torch.relu, "elu": torch.nn.functional.elu, "silu": torch.nn.functional.silu}[act](ref)
+    ref_b, = torch.autograd.grad(ref, b, g)
+    torch.testing.assert_close(b.grad, ref_b)
+
+
 # =========================================================================== GPU
 
 # Triton at the zoo's shapes (channels_last, with bias): All-CNN-C / NIN style layers, and a

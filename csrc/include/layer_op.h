@@ -2,8 +2,8 @@
 // `bn_act` and `se_block` composites in csrc/ops/bn_act/bn_act.cpp and
 // csrc/ops/se_block/se_block.cpp) share: calling the primitive ops through the dispatcher, the
 // BatchNorm running-statistics update, and bookkeeping for their C++ autograd (the
-// torch::autograd::Function helpers of conv_act and se_block; make_node for the hand-written
-// nodes of bn_act and bn_act_conv, which skip a Function's saved_data map).
+// torch::autograd::Function helpers of se_block; make_node for the hand-written nodes of
+// bn_act, bn_act_conv and conv_act, which skip a Function's saved_data map).
 //
 // Why composites: a fused layer used to be several Python-level calls (convolution, the
 // primitive op with a Python autograd formula, the running-statistics update, eval folding),

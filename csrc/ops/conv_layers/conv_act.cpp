@@ -14,6 +14,8 @@
 //     activation per layer, as unfused PyTorch
 //   * silu, gelu: keeps the pre-activation z = conv(x) (returned as the second output, so that consumers
 //     of y may rebuild y from it: fastcnn.recompute); the second output is empty otherwise
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <string>
@@ -76,54 +78,53 @@ Tensor act_backward_from_output(const Tensor& gy, const Tensor& y, Act a, double
 }
 
 // The epilogue's autograd node: y = act(z + bias (+ residual)), the bias and residual added in
-// fp32. It keeps y for an activation whose derivative follows from its output, else z (and the
-// bias and residual act' needs).
-struct EpilogueFunction : public torch::autograd::Function<EpilogueFunction> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& z, const OptT& bias, const OptT& residual,
-                        int64_t keep, c10::string_view act, double act_param) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const Tensor y = op_scale_shift_act().call(z, std::nullopt, bias, residual, act, act_param);
-    if (static_cast<Keep>(keep) == Keep::kOutput)
-      ctx->save_for_backward({y});
-    else
-      ctx->save_for_backward({z, or_undefined(bias), or_undefined(residual)});
-    Edges e;
-    e.add(z);
-    e.add(bias);
-    e.add(residual);
-    auto& d = ctx->saved_data;
-    d["edges"] = c10::IValue(e.index);
-    d["keep"] = keep;
-    d["act"] = static_cast<int64_t>(parse_act(std::string(act)));
-    d["act_param"] = act_param;
-    return y;
+// fp32. A hand-written Node, as bn_act's BnActBackward (csrc/ops/bn_act/bn_act.cpp) and for the
+// same reason: a torch::autograd::Function keeps its constants in a string-keyed map of IValues
+// and records per-input metadata, host work on every training call. It keeps y for an
+// activation whose derivative follows from its output, else z (and the bias and residual act'
+// needs). Edges: z, bias, residual (an absent one gets an invalid edge, which the engine skips).
+struct EpilogueBackward final : public torch::autograd::Node {
+  // y is this node's own output; a SavedVariable of an output needs the node to unpack it,
+  // which torch hands out differently before and after 2.13 (shared_ptr / intrusive_ptr), so y
+  // is saved as a detached alias instead: same storage and version counter, so autograd's
+  // in-place check and the saved-tensor hooks see it as any saved tensor
+  torch::autograd::SavedVariable y, z, bias, residual;
+  Keep keep = Keep::kOutput;
+  Act act = kRelu;
+  double act_param = 0.0;
+
+  std::string name() const override { return "fastcnn::ConvActEpilogueBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    y.reset_data();
+    z.reset_data();
+    bias.reset_data();
+    residual.reset_data();
   }
 
-  // grads by reference: the incoming gradient is let go of as soon as dz exists, before the bias
-  // gradient is reduced (the node's peak then stays at the unfused ReLU backward's)
-  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
-    variable_list out(6);
+  // the incoming gradient is let go of as soon as dz exists, before the bias gradient is
+  // reduced (the node's peak then stays at the unfused ReLU backward's)
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list out(3);
     if (!grads[0].defined()) return out;
-    const auto saved = ctx->get_saved_variables();
-    auto& d = ctx->saved_data;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const auto a = static_cast<Act>(d["act"].toInt());
-    const double act_param = d["act_param"].toDouble();
-    const std::vector<int64_t> edges = d["edges"].toIntVector();
     Tensor gz, gbias;
-    if (static_cast<Keep>(d["keep"].toInt()) == Keep::kOutput) {
-      gz = act_backward_from_output(grads[0], saved[0], a, act_param);
+    if (keep == Keep::kOutput) {
+      gz = act_backward_from_output(grads[0], y.unpack(), act, act_param);
       grads[0].reset();
-      if (needs_grad(ctx, edges, 1)) gbias = gz.sum({0, 2, 3});
+      if (task_should_compute_output(1)) gbias = gz.sum({0, 2, 3});
     } else {
-      auto [g, gr, gs, gt] = op_scale_shift_act_backward().call(grads[0], saved[0], std::nullopt, opt(saved[1]),
-                                                                opt(saved[2]), act_name(a), act_param);
-      gz = g;
-      gbias = gt;
+      const Tensor b = bias.unpack(), r = residual.unpack();
+      auto [g, gr, gs, gt] = op_scale_shift_act_backward().call(grads[0], z.unpack(), std::nullopt, opt(b), opt(r),
+                                                                act_name(act), act_param);
+      gz = std::move(g);
+      gbias = std::move(gt);
     }
-    out[0] = gz;
-    if (needs_grad(ctx, edges, 1)) out[1] = gbias;  // autograd casts it to the bias's dtype
-    if (needs_grad(ctx, edges, 2)) out[2] = gz;
+    if (task_should_compute_output(1)) out[1] = std::move(gbias);  // the engine casts it to the bias's dtype
+    if (task_should_compute_output(2)) out[2] = gz;
+    out[0] = std::move(gz);
     return out;
   }
 };
@@ -144,7 +145,24 @@ std::tuple<Tensor, Tensor> conv_act_autograd(const Tensor& x, const Tensor& weig
   if (!any_requires_grad({&x, &weight, &b, &r}))
     return conv_act_layer(x, weight, bias, residual, stride, padding, dilation, groups, act, act_param);
   const Tensor z = at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, groups);
-  const Tensor y = EpilogueFunction::apply(z, bias, residual, static_cast<int64_t>(keep), act, act_param);
+  auto node = make_node<EpilogueBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(z, b, r));
+  Tensor y;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    y = op_scale_shift_act().call(z, std::nullopt, bias, residual, act, act_param);
+  }
+  node->keep = keep;
+  node->act = parse_act(std::string(act));
+  node->act_param = act_param;
+  if (keep == Keep::kOutput) {
+    node->y = torch::autograd::SavedVariable(y.detach(), false);
+  } else {
+    node->z = torch::autograd::SavedVariable(z, false);
+    node->bias = torch::autograd::SavedVariable(b, false);
+    node->residual = torch::autograd::SavedVariable(r, false);
+  }
+  torch::autograd::set_history(y, NodePtr(node));
   return outputs(x, {y, keep == Keep::kPreActivation ? z : Tensor()});
 }
 
