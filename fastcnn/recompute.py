@@ -25,9 +25,9 @@ Safety: a tensor changed in place after it was produced (its version counter mov
 as usual; a tensor a recipe holds as is (no recipe of its own) that is changed in place before
 the rebuild is a clear error at rebuild time, and so is any tensor the graph keeps as is that is
 changed in place before backward (:func:`_changed_in_place`: autograd's own check of saved
-tensors, which it skips for tensors saved through hooks). Nothing is marked unless the hooks are active and
-the op records a backward, so inference and standalone layers keep no extra references. Under
-``torch.compile`` the hooks stay off (the compiler plans memory itself).
+tensors, which it skips for tensors saved through hooks). Nothing is marked unless the hooks
+are active and the op records a backward, so inference and standalone layers keep no extra
+references. Under ``torch.compile`` the hooks stay off (the compiler plans memory itself).
 """
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ _ATTR = "_fastcnn_rebuild"
 class _ThreadState(threading.local):
     """Per thread (saved-tensor hooks are per thread): how deep in hooked forwards
     (:func:`active`), the measuring observer (and ``contexts``, the hook contexts of the models'
-    forwards, set on first use: :func:`_contexts`). Class
-    defaults rather than ``getattr(local, name, default)``, which raises and catches an
-    AttributeError for a missing name (1.3 us; this is read on every fused layer call)."""
+    forwards, set on first use: :func:`_contexts`). Class defaults rather than
+    ``getattr(local, name, default)``, which raises and catches an AttributeError for a missing
+    name (1.3 us; this is read on every fused layer call)."""
 
     depth = 0
     observer = None
