@@ -103,21 +103,6 @@ inline void update_running_stats(const OptT& running_mean, const OptT& running_v
   rv.lerp_(cast(var * unbias, rv.scalar_type()), momentum);
 }
 
-// Which forward arguments of an autograd Function are graph inputs: a C++ Function gives an
-// edge to every defined tensor argument, in order; needs_input_grad takes that edge index.
-struct Edges {
-  std::vector<int64_t> index;  // per tensor argument: its edge index, or -1 when absent
-  void add(const Tensor& t) { index.push_back(t.defined() ? next_++ : -1); }
-  void add(const OptT& t) { index.push_back(t.has_value() && t->defined() ? next_++ : -1); }
-
- private:
-  int64_t next_ = 0;
-};
-
-inline bool needs_grad(AutogradContext* ctx, const std::vector<int64_t>& edges, size_t arg) {
-  return edges[arg] >= 0 && ctx->needs_input_grad(static_cast<size_t>(edges[arg]));
-}
-
 inline OptT opt(const Tensor& t) { return t.defined() ? OptT(t) : OptT(); }
 
 // Whether an autograd Function must record a node: grad mode on and some input requires grad.

@@ -137,7 +137,8 @@ std::tuple<Tensor, Tensor> conv_act_autograd(const Tensor& x, const Tensor& weig
                                              const OptT& residual, IntList stride, IntList padding,
                                              IntList dilation, int64_t groups, c10::string_view act,
                                              double act_param) {
-  const Keep keep = what_to_keep(parse_act(std::string(act)), act_param);
+  const Act a = parse_act(std::string(act));
+  const Keep keep = what_to_keep(a, act_param);
   if (keep == Keep::kNothing)  // identity: ATen's own convolution (with its bias) and add, recorded by ATen
     return outputs(x, conv_act_compute(x, weight, bias, residual, stride, padding, dilation, groups, keep, act,
                                        act_param));
@@ -153,7 +154,7 @@ std::tuple<Tensor, Tensor> conv_act_autograd(const Tensor& x, const Tensor& weig
     y = op_scale_shift_act().call(z, std::nullopt, bias, residual, act, act_param);
   }
   node->keep = keep;
-  node->act = parse_act(std::string(act));
+  node->act = a;
   node->act_param = act_param;
   if (keep == Keep::kOutput) {
     node->y = torch::autograd::SavedVariable(y.detach(), false);
