@@ -262,7 +262,7 @@ def resolve_name(op: str, device_type: str, device_index: int | None = None) -> 
     return resolve(op, device)[0]
 
 
-#: (op, device type, device index, requested backend) -> implementation, filled by
+#: (op, device -- a torch.device or a device type --, requested backend) -> implementation, filled by
 #: :func:`implementation`; availability does not change while a process runs, except where a
 #: test fakes it (tests/conftest.py clears the cache around every test).
 _RESOLVED: dict = {}
@@ -283,10 +283,9 @@ def implementation(op: str, device):
             return _composed(op, [implementation(part, device) for part in COMPOSED[op]],
                              [_traced_name(part, device) for part in COMPOSED[op]])
         return _MODULES[_traced_name(op, device)].IMPLEMENTATIONS[op]
-    if isinstance(device, torch.device):
-        key = (op, device.type, device.index, get_backend())
-    else:
-        key = (op, device, None, get_backend())
+    # keyed by the device as given (a torch.device hashes and compares by type and index;
+    # reading .type and .index for the key cost more than the lookup itself)
+    key = (op, device, _state.override or _default)
     fn = _RESOLVED.get(key)
     if fn is None:
         if op in COMPOSED:
