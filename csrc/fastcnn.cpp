@@ -7,11 +7,14 @@
 //   csrc/fastcnn.cpp           this file (the Python module)
 //   csrc/include/              helpers every part shares: act.h (activations), common.h
 //                              (argument checks, layouts), layer_op.h (the composite ops'
-//                              dispatcher handles and autograd bookkeeping)
+//                              dispatcher handles and autograd bookkeeping), saved_hooks.h
+//                              (saving past fastcnn.recompute's own saved-tensor hooks, with
+//                              csrc/saved_hooks.cpp)
 //   csrc/channel_act/          the per-channel affine + activation kernel library the bn_act and
 //                              se_block families run on (cpu/, cpu/avx2/, cuda/); no ops
 //   csrc/ops/<family>/         one folder per op family: bn_act, se_block, grouped_conv,
-//                              conv_layers (conv_bn_act, conv_act). The family's top file
+//                              conv_layers (conv_bn_act, conv_act, bn_act_conv; conv_node.h
+//                              their convolution's autograd node). The family's top file
 //                              declares its schemas (TORCH_LIBRARY_FRAGMENT; there is no central
 //                              schema file) and the composites' CompositeExplicitAutograd +
 //                              Autograd kernels; cpu/ registers the CPU dispatch key, cuda/ the
@@ -37,6 +40,7 @@
 
 #include "channel_act/cpu/channel_act_cpu.h"
 #include "include/python_calls.h"
+#include "include/saved_hooks.h"
 
 static bool has_cpu() { return true; }
 
@@ -83,5 +87,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the CPU kernel builds usable on this machine ('default' first, best last)");
   m.def("_set_cpu_capability", &fastcnn::cpu::set_capability, pybind11::arg("name"),
         "choose the CPU kernel build: 'auto', 'default' or 'avx2' (for tests and benchmarks)");
+  m.def(
+      "_set_recompute_pack_hook",
+      [](pybind11::object pack) { fastcnn::set_recompute_pack_hook(pack.is_none() ? nullptr : pack.ptr()); },
+      pybind11::arg("pack"),
+      "register fastcnn.recompute's pack hook (None: none), past which the composite ops save the tensors it would "
+      "keep as they are (csrc/include/saved_hooks.h)");
   fastcnn::register_python_calls(m);
 }

@@ -304,8 +304,36 @@ def _pack(t: torch.Tensor):
 
 
 def set_observer(fn: Callable[[torch.Tensor], None] | None) -> None:
-    """Have ``fn`` called with every tensor the hooks keep as a tensor (for measuring)."""
-    _state.observer = fn
+    """Have ``fn`` called with every tensor the hooks keep as a tensor (for measuring). While
+    any thread observes, the extension's composite ops save every tensor through the hooks
+    (see :func:`use_pack_hook_setter`), so that ``fn`` sees all that the graph keeps."""
+    global _observing
+    previous, _state.observer = _state.observer, fn
+    if (previous is None) != (fn is None):
+        _observing += 1 if fn is not None else -1
+        _sync_pack_hook()
+
+
+# The extension's composite ops save the tensors that can have no recipe -- ones they have just
+# created, and parameters -- past these hooks, which would keep them as they are anyway: a
+# Python call from the autograd engine fewer on save and on unpack each (csrc/include/
+# saved_hooks.h). They recognise the hooks by _pack, registered with them here; while a thread
+# observes (set_observer) none is registered, and every tensor goes through the hooks.
+_observing = 0  # threads with an observer set
+_pack_hook_setter = None  # fastcnn._C._set_recompute_pack_hook, once the extension is loaded
+
+
+def use_pack_hook_setter(setter: Callable[[object], None]) -> None:
+    """Called by the extension backend when it loads: ``setter(_pack)`` registers the pack hook
+    past which its ops may save, ``setter(None)`` unregisters it."""
+    global _pack_hook_setter
+    _pack_hook_setter = setter
+    _sync_pack_hook()
+
+
+def _sync_pack_hook() -> None:
+    if _pack_hook_setter is not None:
+        _pack_hook_setter(None if _observing else _pack)
 
 
 def _unpack(packed):

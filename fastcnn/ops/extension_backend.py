@@ -27,6 +27,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
+from .. import recompute
 from ..recompute import active as _rebuild_active, mark_op_output
 from .layout import kernel_format
 from .names import OPS
@@ -240,6 +241,8 @@ def _load() -> tuple[str, ...]:
         return ()
     _register_fakes()
     _register_autograd()
+    if hasattr(ext, "_set_recompute_pack_hook"):  # an extension built before it saves everything through the hooks
+        recompute.use_pack_hook_setter(ext._set_recompute_pack_hook)
     return OPS_IN_EXTENSION
 
 

@@ -21,6 +21,7 @@
 
 #include "include/common.h"
 #include "include/layer_op.h"
+#include "include/saved_hooks.h"
 #include "ops/bn_act/bn_act.h"
 #include "ops/bn_act/bn_act_kernel.h"
 
@@ -205,10 +206,12 @@ struct BnActBackward final : public torch::autograd::Node {
 };
 
 // y with this op's node recorded (the Autograd-key path when some input requires grad)
+// (x_is_new: x is a tensor the caller has just created, which no recipe can exist for: saved past
+// fastcnn.recompute's own hooks, csrc/include/saved_hooks.h)
 std::tuple<Tensor, Tensor, Tensor> bn_act_recorded(const Tensor& x, const Tensor& weight, const Tensor& bias,
                                                    const OptT& running_mean, const OptT& running_var,
                                                    const OptT& residual, bool training, double momentum, double eps,
-                                                   c10::string_view act, double act_param) {
+                                                   c10::string_view act, double act_param, bool x_is_new) {
   const Tensor r = or_undefined(residual);
   auto node = make_node<BnActBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias, r));
@@ -218,7 +221,10 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_recorded(const Tensor& x, const Tensor
     o = bn_layer_forward(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act,
                          act_param);
   }
-  node->x = torch::autograd::SavedVariable(x, false);
+  {
+    PastRecomputeHooks past(x_is_new && recompute_hooks_on_top());
+    node->x = torch::autograd::SavedVariable(x, false);
+  }
   node->residual = torch::autograd::SavedVariable(r, false);
   node->bn.save(weight, bias, training ? o.mean : *running_mean, training ? o.var : *running_var, training, eps, act,
                 act_param);
@@ -238,7 +244,19 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_autograd(const Tensor& x, const Tensor
     return bn_act_layer(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act,
                         act_param);
   return bn_act_recorded(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act,
-                         act_param);
+                         act_param, false);
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_act_autograd_of_new(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                                          const OptT& running_mean, const OptT& running_var,
+                                                          const OptT& residual, bool training, double momentum,
+                                                          double eps, c10::string_view act, double act_param) {
+  const Tensor r = or_undefined(residual);
+  if (!any_requires_grad({&x, &weight, &bias, &r}))
+    return bn_act_layer(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act,
+                        act_param);
+  return bn_act_recorded(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act,
+                         act_param, true);
 }
 
 // the composite layer op: one dispatcher call forward, one autograd node backward

@@ -115,5 +115,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_autograd(
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& residual, bool training, double momentum, double eps, c10::string_view act,
     double act_param);
+// bn_act_autograd for an x the caller has just created (conv_bn_act's convolution output): no
+// rebuild recipe can exist for it, so its node saves it past fastcnn.recompute's own hooks
+// (csrc/include/saved_hooks.h)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_autograd_of_new(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& residual, bool training, double momentum, double eps, c10::string_view act,
+    double act_param);
 
 }  // namespace fastcnn

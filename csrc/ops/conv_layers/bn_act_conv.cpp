@@ -32,6 +32,7 @@
 
 #include "include/common.h"
 #include "include/layer_op.h"
+#include "include/saved_hooks.h"
 #include "ops/bn_act/bn_act.h"
 
 namespace fastcnn {
@@ -74,7 +75,7 @@ struct HRecipe {
 struct ConvOfRebuiltBackward final : public torch::autograd::Node {
   // x through SavedVariable (a fused model's saved-tensor hooks may keep it as a recipe of its
   // own; in-place changes are caught), the convolution weight too (as ATen's convolution node
-  // keeps it); the BN parameters and statistics as the bn_act node keeps them (SavedBn)
+  // keeps it; past fastcnn.recompute's own hooks, csrc/include/saved_hooks.h); the BN parameters and statistics as the bn_act node keeps them (SavedBn)
   torch::autograd::SavedVariable x, weight;
   SavedBn bn;
   bool has_bias = false;
@@ -131,7 +132,10 @@ Tensor conv_of_rebuilt(const Tensor& h, const Tensor& weight, const OptT& bias, 
     y = conv(h, weight, bias, stride, padding, dilation, groups, residual);
   }
   node->x = torch::autograd::SavedVariable(recipe.x, false);
-  node->weight = torch::autograd::SavedVariable(weight, false);
+  {
+    PastRecomputeHooks past(recompute_hooks_on_top());  // a parameter: no recipe (csrc/include/saved_hooks.h)
+    node->weight = torch::autograd::SavedVariable(weight, false);
+  }
   node->bn.save(recipe.bn_weight, recipe.bn_bias, recipe.mean, recipe.var, recipe.training, eps, act, act_param);
   node->has_bias = b.defined();
   node->stride = stride.vec();

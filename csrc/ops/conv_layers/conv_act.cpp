@@ -23,6 +23,8 @@
 #include "include/act.h"
 #include "include/common.h"
 #include "include/layer_op.h"
+#include "include/saved_hooks.h"
+#include "ops/conv_layers/conv_node.h"
 
 namespace fastcnn {
 namespace {
@@ -129,7 +131,7 @@ struct EpilogueBackward final : public torch::autograd::Node {
   }
 };
 
-// The Autograd-key kernel: ATen's convolution node, then the epilogue's node (two nodes, so
+// The Autograd-key kernel: the convolution's node (conv_node.h), then the epilogue's node (two nodes, so
 // that the convolution's backward runs after the epilogue's node has let go of the incoming
 // gradient and what it kept -- the peak of the unfused layers; see
 // csrc/ops/conv_layers/conv_bn_act.cpp).
@@ -145,7 +147,7 @@ std::tuple<Tensor, Tensor> conv_act_autograd(const Tensor& x, const Tensor& weig
   const Tensor b = or_undefined(bias), r = or_undefined(residual);
   if (!any_requires_grad({&x, &weight, &b, &r}))
     return conv_act_layer(x, weight, bias, residual, stride, padding, dilation, groups, act, act_param);
-  const Tensor z = at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, groups);
+  const Tensor z = conv_recorded(x, weight, std::nullopt, stride, padding, dilation, groups);
   auto node = make_node<EpilogueBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(z, b, r));
   Tensor y;
@@ -156,13 +158,19 @@ std::tuple<Tensor, Tensor> conv_act_autograd(const Tensor& x, const Tensor& weig
   node->keep = keep;
   node->act = a;
   node->act_param = act_param;
-  if (keep == Keep::kOutput) {
-    node->y = torch::autograd::SavedVariable(y.detach(), false);
-  } else {
-    node->z = torch::autograd::SavedVariable(z, false);
-    node->bias = torch::autograd::SavedVariable(b, false);
-    node->residual = torch::autograd::SavedVariable(r, false);
+  {
+    // y and z are this op's new tensors, the bias a parameter: no rebuild recipe can exist for
+    // them, so they are saved past fastcnn.recompute's own hooks (csrc/include/saved_hooks.h);
+    // the residual may be an earlier layer's rebuildable output
+    PastRecomputeHooks past(recompute_hooks_on_top());
+    if (keep == Keep::kOutput) {
+      node->y = torch::autograd::SavedVariable(y.detach(), false);
+    } else {
+      node->z = torch::autograd::SavedVariable(z, false);
+      node->bias = torch::autograd::SavedVariable(b, false);
+    }
   }
+  if (keep == Keep::kPreActivation) node->residual = torch::autograd::SavedVariable(r, false);
   torch::autograd::set_history(y, NodePtr(node));
   return outputs(x, {y, keep == Keep::kPreActivation ? z : Tensor()});
 }

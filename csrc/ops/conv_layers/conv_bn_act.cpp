@@ -9,7 +9,8 @@
 // code (csrc/ops/bn_act/), the running statistics updated and eval-mode BN folded inside the op.
 // One dispatcher call forward, no Python in between.
 //
-// Autograd: two nodes, ATen's convolution node and the C++ BN+activation node of the `bn_act`
+// Autograd: two nodes, the convolution's node (ConvBackward, conv_node.h: ATen's
+// convolution_backward) and the C++ BN+activation node of the `bn_act`
 // composite -- not one node for both, on purpose: a single node keeps the convolution output z
 // and the incoming gradient alive until the convolution's backward has finished (autograd
 // frees a node's saved tensors and inputs only when the node returns), which raised the
@@ -24,6 +25,7 @@
 #include "include/common.h"
 #include "include/layer_op.h"
 #include "ops/bn_act/bn_act.h"
+#include "ops/conv_layers/conv_node.h"
 
 namespace fastcnn {
 namespace {
@@ -47,15 +49,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_act_layer(
   return {y, z, mean, var};
 }
 
-// the Autograd-key kernel: the convolution recorded by ATen, then the bn_act composite's node
+// the Autograd-key kernel: the convolution's node (conv_node.h: the weight and z saved past
+// fastcnn.recompute's own hooks, which would keep them as they are), then the bn_act composite's node
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_act_autograd(
     const Tensor& x, const Tensor& weight, const OptT& bias, const Tensor& bn_weight, const Tensor& bn_bias,
     const OptT& running_mean, const OptT& running_var, const OptT& residual, IntList stride, IntList padding,
     IntList dilation, int64_t groups, bool training, double momentum, double eps, c10::string_view act,
     double act_param) {
-  const Tensor z = conv(x, weight, bias, stride, padding, dilation, groups);
-  auto [y, mean, var] = bn_act_autograd(z, bn_weight, bn_bias, running_mean, running_var, residual, training,
-                                        momentum, eps, act, act_param);
+  const Tensor z = conv_recorded(x, weight, bias, stride, padding, dilation, groups);
+  auto [y, mean, var] = bn_act_autograd_of_new(z, bn_weight, bn_bias, running_mean, running_var, residual, training,
+                                               momentum, eps, act, act_param);
   return {y, z, mean, var};
 }
 
