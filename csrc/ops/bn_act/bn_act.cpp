@@ -205,14 +205,17 @@ struct BnActBackward final : public torch::autograd::Node {
   }
 };
 
-// y with this op's node recorded (the Autograd-key path when some input requires grad)
-// (x_is_new: x is a tensor the caller has just created, which no recipe can exist for: saved past
-// fastcnn.recompute's own hooks, csrc/include/saved_hooks.h)
+// The Autograd-key path: y with this op's node recorded when some input requires grad, else
+// the op below autograd. x_is_new: x is a tensor the caller has just created, which no recipe
+// can exist for: saved past fastcnn.recompute's own hooks (csrc/include/saved_hooks.h).
 std::tuple<Tensor, Tensor, Tensor> bn_act_recorded(const Tensor& x, const Tensor& weight, const Tensor& bias,
                                                    const OptT& running_mean, const OptT& running_var,
                                                    const OptT& residual, bool training, double momentum, double eps,
                                                    c10::string_view act, double act_param, bool x_is_new) {
   const Tensor r = or_undefined(residual);
+  if (!any_requires_grad({&x, &weight, &bias, &r}))
+    return bn_act_layer(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act,
+                        act_param);
   auto node = make_node<BnActBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias, r));
   BnLayerOut o;
@@ -239,10 +242,6 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_autograd(const Tensor& x, const Tensor
                                                    const OptT& running_mean, const OptT& running_var,
                                                    const OptT& residual, bool training, double momentum,
                                                    double eps, c10::string_view act, double act_param) {
-  const Tensor r = or_undefined(residual);
-  if (!any_requires_grad({&x, &weight, &bias, &r}))
-    return bn_act_layer(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act,
-                        act_param);
   return bn_act_recorded(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act,
                          act_param, false);
 }
@@ -251,10 +250,6 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_autograd_of_new(const Tensor& x, const
                                                           const OptT& running_mean, const OptT& running_var,
                                                           const OptT& residual, bool training, double momentum,
                                                           double eps, c10::string_view act, double act_param) {
-  const Tensor r = or_undefined(residual);
-  if (!any_requires_grad({&x, &weight, &bias, &r}))
-    return bn_act_layer(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act,
-                        act_param);
   return bn_act_recorded(x, weight, bias, running_mean, running_var, residual, training, momentum, eps, act,
                          act_param, true);
 }
