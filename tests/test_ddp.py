@@ -72,5 +72,10 @@ def test_two_ranks_compute_the_single_process_step(cifar_dir, tmp_path):
         single = train(_args(cifar_dir, tmp_path, "lenet5", *common, "--name", "one"))["model"].state_dict()
     finally:
         torch.set_num_threads(n)
+    # Equal up to fp32 rounding: oneDNN reduces a convolution's weight gradient over 32 images
+    # per rank in another order than over 64 (measured on an AVX-512 Xeon, 2026-12-02: up to
+    # 2e-5 on the first convolution's weights after the epoch's 4 steps, 3e-8 on the linear
+    # layers). A real mismatch is far larger: summed instead of averaged gradients (the same
+    # run at twice the learning rate) moves every tensor by 0.016-0.24.
     for k in single:
-        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-3, atol=1e-4, msg=k)
