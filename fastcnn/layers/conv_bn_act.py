@@ -106,7 +106,7 @@ def _hooked(layer: nn.Module, mods) -> bool:
 
 #: whether autocast is enabled for any device type (torch.is_autocast_enabled per device type
 #: costs about 1 us more)
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
+_any_autocast = torch._C._is_any_autocast_enabled
 
 _CHECKS = {"conv_bn_act": ops.check_conv_bn_act, "bn_act": ops.check_bn_act,
            "conv_act": ops.check_conv_act, "se_block": ops.check_se_block,

@@ -32,8 +32,8 @@
 
 #include "include/common.h"
 #include "include/layer_op.h"
-#include "include/saved_hooks.h"
 #include "ops/bn_act/bn_act.h"
+#include "ops/conv_layers/conv_node.h"
 
 namespace fastcnn {
 namespace {
@@ -74,20 +74,18 @@ struct HRecipe {
 // Edges: h, weight, bias, residual (an absent one gets an invalid edge).
 struct ConvOfRebuiltBackward final : public torch::autograd::Node {
   // x through SavedVariable (a fused model's saved-tensor hooks may keep it as a recipe of its
-  // own; in-place changes are caught), the convolution weight too (as ATen's convolution node
-  // keeps it; past fastcnn.recompute's own hooks, csrc/include/saved_hooks.h); the BN parameters and statistics as the bn_act node keeps them (SavedBn)
-  torch::autograd::SavedVariable x, weight;
+  // own; in-place changes are caught), the convolution's weight and geometry as SavedConv keeps
+  // them (conv_node.h); the BN parameters and statistics as the bn_act node keeps them (SavedBn)
+  torch::autograd::SavedVariable x;
+  SavedConv conv;
   SavedBn bn;
-  bool has_bias = false;
-  std::vector<int64_t> stride, padding, dilation;
-  int64_t groups = 1;
 
   std::string name() const override { return "fastcnn::ConvOfRebuiltBackward"; }
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     x.reset_data();
-    weight.reset_data();
+    conv.weight.reset_data();
     bn.release();
   }
 
@@ -98,22 +96,18 @@ struct ConvOfRebuiltBackward final : public torch::autograd::Node {
     bn.check("bn_act_conv");
     variable_list out(4);
     if (!grads[0].defined()) return out;
-    const Tensor x_ = x.unpack(), weight_ = weight.unpack();
+    const Tensor x_ = x.unpack(), weight_ = conv.weight.unpack();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto [m, v] = bn.statistics();
     const Tensor h =
         op_bn_act_apply().call(x_, bn.weight, bn.bias, std::nullopt, m, v, bn.eps, bn.act, bn.act_param);
-    const std::vector<int64_t> bias_sizes{weight_.size(0)};
-    const bool need_bias = has_bias && task_should_compute_output(2);
-    auto [gh, gw, gb] = at::convolution_backward(
-        grads[0], h, weight_, has_bias ? c10::OptionalIntArrayRef(bias_sizes) : c10::OptionalIntArrayRef(), stride,
-        padding, dilation, false, {0, 0}, groups,
-        {task_should_compute_output(0), task_should_compute_output(1), need_bias});
+    auto [gh, gw, gb] = conv.backward(grads[0], h, weight_, task_should_compute_output(0),
+                                      task_should_compute_output(1), task_should_compute_output(2));
     if (task_should_compute_output(3)) out[3] = grads[0];
     grads[0].reset();
     out[0] = std::move(gh);
     out[1] = std::move(gw);
-    if (need_bias) out[2] = std::move(gb);
+    out[2] = std::move(gb);
     return out;
   }
 };
@@ -132,16 +126,8 @@ Tensor conv_of_rebuilt(const Tensor& h, const Tensor& weight, const OptT& bias, 
     y = conv(h, weight, bias, stride, padding, dilation, groups, residual);
   }
   node->x = torch::autograd::SavedVariable(recipe.x, false);
-  {
-    PastRecomputeHooks past(recompute_hooks_on_top());  // a parameter: no recipe (csrc/include/saved_hooks.h)
-    node->weight = torch::autograd::SavedVariable(weight, false);
-  }
+  node->conv.save(weight, b, stride, padding, dilation, groups);
   node->bn.save(recipe.bn_weight, recipe.bn_bias, recipe.mean, recipe.var, recipe.training, eps, act, act_param);
-  node->has_bias = b.defined();
-  node->stride = stride.vec();
-  node->padding = padding.vec();
-  node->dilation = dilation.vec();
-  node->groups = groups;
   torch::autograd::set_history(y, NodePtr(node));
   return y;
 }

@@ -18,37 +18,65 @@
 
 namespace fastcnn {
 
-// Edges: x, weight, bias (an absent or non-differentiable one gets an invalid edge).
-struct ConvBackward final : public torch::autograd::Node {
-  torch::autograd::SavedVariable x, weight;
+// What a convolution's backward node keeps besides its input, and the convolution's backward:
+// the weight (saved past fastcnn.recompute's own hooks: a parameter has no recipe), the
+// geometry, and ATen's convolution_backward. Shared by ConvBackward below and bn_act_conv's
+// ConvOfRebuiltBackward (csrc/ops/conv_layers/bn_act_conv.cpp), whose input is rebuilt.
+struct SavedConv {
+  torch::autograd::SavedVariable weight;
   bool has_bias = false;
   std::vector<int64_t> stride, padding, dilation;
   int64_t groups = 1;
+
+  void save(const Tensor& weight_, const Tensor& bias, c10::IntArrayRef stride_, c10::IntArrayRef padding_,
+            c10::IntArrayRef dilation_, int64_t groups_) {
+    {
+      PastRecomputeHooks past(recompute_hooks_on_top());
+      weight = torch::autograd::SavedVariable(weight_, false);
+    }
+    has_bias = bias.defined();
+    stride = stride_.vec();
+    padding = padding_.vec();
+    dilation = dilation_.vec();
+    groups = groups_;
+  }
+
+  // (grad input, grad weight, grad bias) of conv(input, weight_ (+ bias)); each only if asked
+  // for (the bias gradient only where there is a bias), else undefined
+  std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad, const Tensor& input, const Tensor& weight_,
+                                              bool need_input, bool need_weight, bool need_bias) const {
+    const std::vector<int64_t> bias_sizes{weight_.size(0)};
+    return at::convolution_backward(
+        grad, input, weight_, has_bias ? c10::OptionalIntArrayRef(bias_sizes) : c10::OptionalIntArrayRef(), stride,
+        padding, dilation, false, {0, 0}, groups, {need_input, need_weight, has_bias && need_bias});
+  }
+};
+
+// Edges: x, weight, bias (an absent or non-differentiable one gets an invalid edge).
+struct ConvBackward final : public torch::autograd::Node {
+  torch::autograd::SavedVariable x;
+  SavedConv conv;
 
   std::string name() const override { return "fastcnn::ConvBackward"; }
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     x.reset_data();
-    weight.reset_data();
+    conv.weight.reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     variable_list out(3);
-    const Tensor x_ = x.unpack(), weight_ = weight.unpack();
+    const Tensor x_ = x.unpack(), weight_ = conv.weight.unpack();
     if (!grads[0].defined()) return out;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const std::vector<int64_t> bias_sizes{weight_.size(0)};
-    const bool need_bias = has_bias && task_should_compute_output(2);
-    auto [gx, gw, gb] = at::convolution_backward(
-        grads[0], x_, weight_, has_bias ? c10::OptionalIntArrayRef(bias_sizes) : c10::OptionalIntArrayRef(), stride,
-        padding, dilation, false, {0, 0}, groups,
-        {task_should_compute_output(0), task_should_compute_output(1), need_bias});
+    auto [gx, gw, gb] = conv.backward(grads[0], x_, weight_, task_should_compute_output(0),
+                                      task_should_compute_output(1), task_should_compute_output(2));
     grads[0].reset();
-    if (task_should_compute_output(0)) out[0] = std::move(gx);
-    if (task_should_compute_output(1)) out[1] = std::move(gw);
-    if (need_bias) out[2] = std::move(gb);
+    out[0] = std::move(gx);
+    out[1] = std::move(gw);
+    out[2] = std::move(gb);
     return out;
   }
 };
@@ -68,15 +96,7 @@ inline Tensor conv_recorded(const Tensor& x, const Tensor& weight, const OptT& b
     z = at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
   }
   node->x = torch::autograd::SavedVariable(x, false);
-  {
-    PastRecomputeHooks past(recompute_hooks_on_top());
-    node->weight = torch::autograd::SavedVariable(weight, false);
-  }
-  node->has_bias = b.defined();
-  node->stride = stride.vec();
-  node->padding = padding.vec();
-  node->dilation = dilation.vec();
-  node->groups = groups;
+  node->conv.save(weight, b, stride, padding, dilation, groups);
   torch::autograd::set_history(z, NodePtr(node));
   return z;
 }
