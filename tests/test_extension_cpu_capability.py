@@ -1,10 +1,16 @@
 """The two CPU builds of the extension's kernels (csrc/channel_act/cpu/channel_act_impl.h
 compiled as DEFAULT, plain loops, and as AVX2, explicit 8-lane vectors): the run-time choice,
 and that both builds compute the same results for every op, layout and activation, on shapes
-whose channel and plane sizes are not multiples of the vector width (so the vector bodies,
-the scalar tails and the channels_last row blocks all run). The builds are compared with
-tests/op_cases.py's assert_close without a PyTorch result: they must agree to rounding."""
+whose channel and plane sizes are not multiples of the AVX2 build's 16-element step, so that
+the full steps, the partial steps that end a run or a row (masked loads and stores, one or
+both vectors partly filled), the channels_last row blocks and the long rows all run. The
+builds are compared with tests/op_cases.py's assert_close without a PyTorch result: they
+must agree to rounding."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -39,6 +45,21 @@ def test_unknown_capability_is_an_error(restore_capability):
         ext._set_cpu_capability("avx9")
 
 
+def test_the_build_follows_pytorchs_own_choice():
+    """ATEN_CPU_CAPABILITY=default makes PyTorch run its DEFAULT kernels; ours follow it, and
+    asking for AVX2 then is an error that names what is available."""
+    code = (
+        "import torch, fastcnn._C as ext\n"
+        "print(ext.cpu_capability(), ','.join(ext.cpu_capabilities()))\n"
+        "try:\n    ext._set_cpu_capability('avx2')\nexcept ValueError as e:\n    print(e)\n"
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    first, error = out.stdout.splitlines()[:2]
+    assert first.split() == ["default", "default"]
+    assert "CPU capability 'avx2' is not available" in error and "available: default" in error
+
+
 def both_builds(fn):
     """fn() under the DEFAULT build and under the AVX2 build."""
     if "avx2" not in ext.cpu_capabilities():
@@ -56,7 +77,10 @@ def assert_all_close(a, b, dtype, what):
         assert_close(v, u, dtype, f"{what} output {i}")
 
 
-SHAPES = ((3, 20, 7, 9), (2, 48, 5, 5), (4, 16, 8, 8), (2, 16, 16, 17))  # the last: 3 row chunks
+# channels 20, 48, 16, 3, 72 and planes 63, 25, 64, 272, 5, 9: partial steps of both vectors
+# and of fewer elements than one vector; (2, 16, 16, 17) spans 3 row chunks; 72 channels are
+# long rows (one row at a time)
+SHAPES = ((3, 20, 7, 9), (2, 48, 5, 5), (4, 16, 8, 8), (2, 16, 16, 17), (5, 3, 5, 1), (2, 72, 3, 3))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -10,7 +10,11 @@
 // one at run time (the capability interface is in channel_act_cpu.h).
 //
 // Layouts (Geom): I > 1 is a contiguous run of I elements with one parameter slot (NCHW);
-// I == 1 is rows of G elements with one slot per lane (channels_last). Every pass is
+// I == 1 is rows of G elements with one slot per lane (channels_last). The AVX2 build steps
+// kW = 16 elements at a time and ends a run or a row that is not a multiple of 16 with one
+// partial step (masked loads and stores, Part below) rather than with scalar loops, so that
+// DenseNet's 24 + 12k channels run as vectors throughout; the DEFAULT build ends them with
+// scalar loops. Every pass is
 // at::parallel_for over runs or row chunks; reductions keep fixed chunks with their own
 // partial sums (fp32 within a chunk, fp64 across chunks), so results do not depend on the
 // thread count. fp16 / bf16 are converted to fp32 on load and back on store.
@@ -83,6 +87,73 @@ inline void store2(T* p, const VF& a, const VF& b) {
   }
 }
 
+// A vector step over all kW elements (Full) or over the first n of them, 0 < n < kW (Part:
+// loads read n elements and zero the other lanes, stores write n, reductions drop the other
+// lanes with the masks).
+struct Full {};
+struct Part {
+  int64_t n, n0, n1;  // elements in all, in the low vector, in the high vector
+  VF m0, m1;          // all bits set in the lanes that hold elements
+  explicit Part(int64_t n_) : n(n_), n0(std::min(n_, kV)), n1(std::max<int64_t>(n_ - kV, 0)) {
+    const VF zero(0.f), ones = zero == zero;
+    m0 = VF::set(zero, ones, n0);
+    m1 = VF::set(zero, ones, n1);
+  }
+};
+
+template <typename T>
+inline void load2(const T* p, VF& a, VF& b, Full) {
+  load2(p, a, b);
+}
+
+template <typename T>
+inline void load2(const T* p, VF& a, VF& b, const Part& s) {
+  if constexpr (std::is_same_v<T, float>) {
+    a = VF::loadu(p, s.n0);
+    b = s.n1 > 0 ? VF::loadu(p + kV, s.n1) : VF(0.f);
+  } else {
+    auto ab = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, s.n));
+    a = std::get<0>(ab);
+    b = std::get<1>(ab);
+  }
+}
+
+template <typename T>
+inline void store2(T* p, const VF& a, const VF& b, Full) {
+  store2(p, a, b);
+}
+
+template <typename T>
+inline void store2(T* p, const VF& a, const VF& b, const Part& s) {
+  if constexpr (std::is_same_v<T, float>) {
+    a.store(p, s.n0);
+    if (s.n1 > 0) b.store(p + kV, s.n1);
+  } else {
+    at::vec::convert_from_float<T>(a, b).store(p, s.n);
+  }
+}
+
+// the partial step that ends every run or row of n elements (its masks built once per task;
+// meaningful only when n % kW != 0)
+inline Part tail_of(int64_t n) { return Part(std::max<int64_t>(n % kW, 1)); }
+
+// the lanes of a reduction's contribution that hold elements
+inline void keep(VF&, VF&, Full) {}
+inline void keep(VF& a, VF& b, const Part& s) {
+  a = a & s.m0;
+  b = b & s.m1;
+}
+
+// f[0, step) += (a, b)
+inline void add_lanes(float* f, const VF& a, const VF& b, Full) {
+  (VF::loadu(f) + a).store(f);
+  (VF::loadu(f + kV) + b).store(f + kV);
+}
+inline void add_lanes(float* f, const VF& a, const VF& b, const Part& s) {
+  (VF::loadu(f, s.n0) + a).store(f, s.n0);
+  if (s.n1 > 0) (VF::loadu(f + kV, s.n1) + b).store(f + kV, s.n1);
+}
+
 inline float hsum(const VF& v) {
   float buf[kV];
   v.store(buf);
@@ -152,8 +223,12 @@ struct Param {
   const float* p;
   float c;  // the broadcast value, held locally so that stores cannot alias it
   explicit Param(const float* ptr) : p(ptr), c(LANE ? 0.f : *ptr) {}
-  inline PV vec(int64_t l) const {
+  inline PV vec(int64_t l, Full = {}) const {
     if constexpr (LANE) return {VF::loadu(p + l), VF::loadu(p + l + kV)};
+    else return {VF(c), VF(c)};
+  }
+  inline PV vec(int64_t l, const Part& s) const {
+    if constexpr (LANE) return {VF::loadu(p + l, s.n0), s.n1 > 0 ? VF::loadu(p + l + kV, s.n1) : VF(0.f)};
     else return {VF(c), VF(c)};
   }
   inline float at(int64_t l) const {
@@ -163,9 +238,10 @@ struct Param {
 
 // --------------------------------------------------------------------------- drivers
 // Element-wise pass. The functor, built per run / per block of rows as make(slot), has
-//   op.load(l)       the parameters of the vector step at lane offset l (any type)
-//   op.vec(off, P)   kW elements at offset off with those parameters
-//   op.one(off, l)   one element at offset off, lane l
+//   op.load(l, S)     the parameters of the vector step at lane offset l (any type)
+//   op.vec(off, P, S) the step's elements at offset off with those parameters
+//   op.one(off, l)    one element at offset off, lane l
+// with S Full (kW elements) or Part (fewer).
 // NCHW (I > 1): runs of I elements, parameters loaded once per run. channels_last (I == 1):
 // blocks of up to kRows rows of one b (short rows; one row at a time otherwise); each
 // vector step's parameters are loaded once for the block. No divisions in the inner
@@ -179,13 +255,18 @@ void elementwise(const Geom& g, MakeOp&& make) {
     const int64_t runs = g.B * g.O * g.G;
     at::parallel_for(0, runs, std::max<int64_t>(1, kGrain / g.I), [&](int64_t r0, int64_t r1) {
       int64_t gi = r0 % g.G, b = r0 / (g.O * g.G), o = (r0 / g.G) % g.O;
+      const Part tail = tail_of(g.I);
       for (int64_t r = r0; r < r1; ++r) {
         const auto op = make(b * g.G + gi);
         const int64_t off = r * g.I, n = g.I;
         int64_t i = 0;
         if constexpr (kVec) {
-          const auto P = op.load(0);
-          for (; i + kW <= n; i += kW) op.vec(off + i, P);
+          const auto P = op.load(0, Full{});
+          for (; i + kW <= n; i += kW) op.vec(off + i, P, Full{});
+          if (i < n) {
+            op.vec(off + i, P, tail);
+            i = n;
+          }
         }
         for (; i < n; ++i) op.one(off + i, 0);
         if (++gi == g.G) {
@@ -202,6 +283,7 @@ void elementwise(const Geom& g, MakeOp&& make) {
   using Op = decltype(make(int64_t{0}));
   const int64_t block = G * Op::kElemSize <= kShortRowBytes ? kRows : 1;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / G), [&](int64_t r0, int64_t r1) {
+    const Part tail = tail_of(G);
     int64_t r = r0;
     while (r < r1) {
       const int64_t b = r / g.O;
@@ -211,8 +293,13 @@ void elementwise(const Geom& g, MakeOp&& make) {
       int64_t c = 0;
       if constexpr (kVec) {
         for (; c + kW <= G; c += kW) {
-          const auto P = op.load(c);
-          for (int64_t k = 0; k < nr; ++k) op.vec(base + k * G + c, P);
+          const auto P = op.load(c, Full{});
+          for (int64_t k = 0; k < nr; ++k) op.vec(base + k * G + c, P, Full{});
+        }
+        if (c < G) {
+          const auto P = op.load(c, tail);
+          for (int64_t k = 0; k < nr; ++k) op.vec(base + k * G + c, P, tail);
+          c = G;
         }
       }
       for (; c < G; ++c)
@@ -224,9 +311,10 @@ void elementwise(const Geom& g, MakeOp&& make) {
 
 // Per-slot sums of two per-element quantities (a, b), fp64 [2, P]. The element functor,
 // built per run / row chunk as make(slot), has
-//   e.load(l)                          parameters of the vector step at lane offset l
-//   e.vec(off, P, a0, a1, b0, b1)      adds the contributions of kW elements at off
+//   e.load(l, S)                       parameters of the vector step at lane offset l
+//   e.vec(off, P, a0, a1, b0, b1, S)   adds the contributions of the step's elements at off
 //   e.one(off, l, a, b)                adds the contribution of one element
+// with S Full (kW elements) or Part (fewer).
 template <typename MakeE>
 std::vector<double> reduce_slots(const Geom& g, MakeE&& make) {
   const int64_t P = g.slots();
@@ -237,6 +325,7 @@ std::vector<double> reduce_slots(const Geom& g, MakeE&& make) {
     std::vector<double> part(2 * runs);
     at::parallel_for(0, runs, std::max<int64_t>(1, kGrain / g.I), [&](int64_t r0, int64_t r1) {
       int64_t gi = r0 % g.G, b = r0 / (g.O * g.G), o = (r0 / g.G) % g.O;
+      const Part tail = tail_of(g.I);  // kBlock is a multiple of kW: every block ends like the run
       for (int64_t r = r0; r < r1; ++r) {
         const auto e = make(b * g.G + gi);
         double sa = 0.0, sb = 0.0;
@@ -245,9 +334,13 @@ std::vector<double> reduce_slots(const Geom& g, MakeE&& make) {
           float fa = 0.f, fb = 0.f;
           int64_t i = 0;
           if constexpr (kVec) {
-            const auto Pm = e.load(0);
+            const auto Pm = e.load(0, Full{});
             VF a0(0.f), a1(0.f), b0(0.f), b1(0.f);
-            for (; i + kW <= n; i += kW) e.vec(off + i, Pm, a0, a1, b0, b1);
+            for (; i + kW <= n; i += kW) e.vec(off + i, Pm, a0, a1, b0, b1, Full{});
+            if (i < n) {
+              e.vec(off + i, Pm, a0, a1, b0, b1, tail);
+              i = n;
+            }
             fa = hsum(a0 + a1);
             fb = hsum(b0 + b1);
           }
@@ -283,6 +376,7 @@ std::vector<double> reduce_slots(const Geom& g, MakeE&& make) {
   std::vector<double> part(2 * tasks * G);
   at::parallel_for(0, tasks, std::max<int64_t>(1, kGrain / (kChunkRows * G)), [&](int64_t t0, int64_t t1) {
     std::vector<float> buf(2 * G);
+    const Part tail = tail_of(G);
     float* fa = buf.data();
     float* fb = buf.data() + G;
     for (int64_t t = t0; t < t1; ++t) {
@@ -292,40 +386,25 @@ std::vector<double> reduce_slots(const Geom& g, MakeE&& make) {
       const int64_t base = b * g.O * G;
       int64_t o = o0;
       if constexpr (kVec) {
+        // U rows at lanes [c, c + step): their contributions summed in registers (one
+        // parameter load), then added to the lane buffer
+        auto rows_at = [&](int64_t row, auto rows_c, int64_t c, const auto& step) {
+          constexpr int64_t U = decltype(rows_c)::value;
+          const auto Pm = e.load(c, step);
+          VF a0(0.f), a1(0.f), b0(0.f), b1(0.f);
+          for (int64_t u = 0; u < U; ++u) e.vec(row + u * G + c, Pm, a0, a1, b0, b1, step);
+          add_lanes(fa + c, a0, a1, step);
+          add_lanes(fb + c, b0, b1, step);
+        };
+        auto rows = [&](int64_t row, auto rows_c) {
+          int64_t c = 0;
+          for (; c + kW <= G; c += kW) rows_at(row, rows_c, c, Full{});
+          if (c < G) rows_at(row, rows_c, c, tail);
+        };
         // four rows at a time unless they are a multiple of 2-4 KiB apart (same L1 sets)
         const int64_t o4 = G * E::kElemSize < 2048 ? o1 : o0;
-        for (; o + 4 <= o4; o += 4) {
-          const int64_t row = base + o * G;
-          int64_t c = 0;
-          for (; c + kW <= G; c += kW) {
-            const auto Pm = e.load(c);
-            VF a0(0.f), a1(0.f), b0(0.f), b1(0.f);
-            e.vec(row + c, Pm, a0, a1, b0, b1);
-            e.vec(row + G + c, Pm, a0, a1, b0, b1);
-            e.vec(row + 2 * G + c, Pm, a0, a1, b0, b1);
-            e.vec(row + 3 * G + c, Pm, a0, a1, b0, b1);
-            (VF::loadu(fa + c) + a0).store(fa + c);
-            (VF::loadu(fa + c + kV) + a1).store(fa + c + kV);
-            (VF::loadu(fb + c) + b0).store(fb + c);
-            (VF::loadu(fb + c + kV) + b1).store(fb + c + kV);
-          }
-          for (; c < G; ++c)
-            for (int64_t u = 0; u < 4; ++u) e.one(row + u * G + c, c, fa[c], fb[c]);
-        }
-        for (; o < o1; ++o) {
-          const int64_t row = base + o * G;
-          int64_t c = 0;
-          for (; c + kW <= G; c += kW) {
-            const auto Pm = e.load(c);
-            VF a0(0.f), a1(0.f), b0(0.f), b1(0.f);
-            e.vec(row + c, Pm, a0, a1, b0, b1);
-            (VF::loadu(fa + c) + a0).store(fa + c);
-            (VF::loadu(fa + c + kV) + a1).store(fa + c + kV);
-            (VF::loadu(fb + c) + b0).store(fb + c);
-            (VF::loadu(fb + c + kV) + b1).store(fb + c + kV);
-          }
-          for (; c < G; ++c) e.one(row + c, c, fa[c], fb[c]);
-        }
+        for (; o + 4 <= o4; o += 4) rows(base + o * G, std::integral_constant<int64_t, 4>{});
+        for (; o < o1; ++o) rows(base + o * G, std::integral_constant<int64_t, 1>{});
       }
       for (; o < o1; ++o) {
         const int64_t row = base + o * G;
@@ -356,11 +435,14 @@ struct StatsE {
   static constexpr int64_t kElemSize = sizeof(T);
   const T* x;
   Param<LANE> k;
-  inline PV load(int64_t l) const { return k.vec(l); }
-  inline void vec(int64_t off, const PV& kv, VF& a0, VF& a1, VF& b0, VF& b1) const {
+  template <typename S>
+  inline PV load(int64_t l, const S& s) const { return k.vec(l, s); }
+  template <typename S>
+  inline void vec(int64_t off, const PV& kv, VF& a0, VF& a1, VF& b0, VF& b1, const S& s) const {
     VF x0, x1;
-    load2(x + off, x0, x1);
-    const VF d0 = x0 - kv.lo, d1 = x1 - kv.hi;
+    load2(x + off, x0, x1, s);
+    VF d0 = x0 - kv.lo, d1 = x1 - kv.hi;
+    keep(d0, d1, s);
     a0 = a0 + d0;
     a1 = a1 + d1;
     b0 = at::vec::fmadd(d0, d0, b0);
@@ -374,14 +456,14 @@ struct StatsE {
 };
 
 // z = x * s + t (+ r) for a vector step
-template <bool RES, typename T>
+template <bool RES, typename T, typename S>
 inline void pre_act(const T* r, int64_t off, const VF& x0, const VF& x1, const PV& s, const PV& t, VF& z0,
-                    VF& z1) {
+                    VF& z1, const S& step) {
   z0 = at::vec::fmadd(x0, s.lo, t.lo);
   z1 = at::vec::fmadd(x1, s.hi, t.hi);
   if constexpr (RES) {
     VF r0, r1;
-    load2(r + off, r0, r1);
+    load2(r + off, r0, r1, step);
     z0 = z0 + r0;
     z1 = z1 + r1;
   }
@@ -397,17 +479,20 @@ struct GradE {
   struct Loaded {
     PV s, t, c;
   };
-  inline Loaded load(int64_t l) const { return {s.vec(l), t.vec(l), c.vec(l)}; }
-  inline void vec(int64_t off, const Loaded& P, VF& a0, VF& a1, VF& b0, VF& b1) const {
+  template <typename S>
+  inline Loaded load(int64_t l, const S& st) const { return {s.vec(l, st), t.vec(l, st), c.vec(l, st)}; }
+  template <typename S>
+  inline void vec(int64_t off, const Loaded& P, VF& a0, VF& a1, VF& b0, VF& b1, const S& st) const {
     VF x0, x1, d0, d1;
-    load2(x + off, x0, x1);
-    load2(gy + off, d0, d1);
+    load2(x + off, x0, x1, st);
+    load2(gy + off, d0, d1, st);
     if constexpr (ACT != kIdentity) {
       VF z0, z1;
-      pre_act<RES>(r, off, x0, x1, P.s, P.t, z0, z1);
+      pre_act<RES>(r, off, x0, x1, P.s, P.t, z0, z1, st);
       d0 = dact_v<ACT>(d0, z0, p);
       d1 = dact_v<ACT>(d1, z1, p);
     }
+    keep(d0, d1, st);
     a0 = a0 + d0;
     a1 = a1 + d1;
     b0 = at::vec::fmadd(d0, x0 - P.c.lo, b0);
@@ -435,12 +520,14 @@ struct ForwardOp {
   struct Loaded {
     PV s, t;
   };
-  inline Loaded load(int64_t l) const { return {s.vec(l), t.vec(l)}; }
-  inline void vec(int64_t off, const Loaded& P) const {
+  template <typename S>
+  inline Loaded load(int64_t l, const S& st) const { return {s.vec(l, st), t.vec(l, st)}; }
+  template <typename S>
+  inline void vec(int64_t off, const Loaded& P, const S& st) const {
     VF x0, x1, z0, z1;
-    load2(x + off, x0, x1);
-    pre_act<RES>(r, off, x0, x1, P.s, P.t, z0, z1);
-    store2(y + off, act_v<ACT>(z0, p), act_v<ACT>(z1, p));
+    load2(x + off, x0, x1, st);
+    pre_act<RES>(r, off, x0, x1, P.s, P.t, z0, z1, st);
+    store2(y + off, act_v<ACT>(z0, p), act_v<ACT>(z1, p), st);
   }
   inline void one(int64_t off, int64_t l) const {
     float z = static_cast<float>(x[off]) * s.at(l) + t.at(l);
@@ -460,21 +547,25 @@ struct BackwardOp {
   struct Loaded {
     PV s, t, c, a, b;
   };
-  inline Loaded load(int64_t l) const { return {s.vec(l), t.vec(l), c.vec(l), a.vec(l), b.vec(l)}; }
-  inline void vec(int64_t off, const Loaded& P) const {
+  template <typename S>
+  inline Loaded load(int64_t l, const S& st) const {
+    return {s.vec(l, st), t.vec(l, st), c.vec(l, st), a.vec(l, st), b.vec(l, st)};
+  }
+  template <typename S>
+  inline void vec(int64_t off, const Loaded& P, const S& st) const {
     VF x0, x1, d0, d1;
-    load2(x + off, x0, x1);
-    load2(gy + off, d0, d1);
+    load2(x + off, x0, x1, st);
+    load2(gy + off, d0, d1, st);
     if constexpr (ACT != kIdentity) {
       VF z0, z1;
-      pre_act<RES>(r, off, x0, x1, P.s, P.t, z0, z1);
+      pre_act<RES>(r, off, x0, x1, P.s, P.t, z0, z1, st);
       d0 = dact_v<ACT>(d0, z0, p);
       d1 = dact_v<ACT>(d1, z1, p);
     }
     const VF g0 = at::vec::fmadd(P.s.lo, d0, at::vec::fmadd(P.a.lo, x0 - P.c.lo, P.b.lo));
     const VF g1 = at::vec::fmadd(P.s.hi, d1, at::vec::fmadd(P.a.hi, x1 - P.c.hi, P.b.hi));
-    store2(gx + off, g0, g1);
-    if constexpr (RES) store2(gr + off, d0, d1);
+    store2(gx + off, g0, g1, st);
+    if constexpr (RES) store2(gr + off, d0, d1, st);
   }
   inline void one(int64_t off, int64_t l) const {
     const float xv = static_cast<float>(x[off]);
