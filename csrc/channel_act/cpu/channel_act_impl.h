@@ -64,29 +64,6 @@ constexpr bool kVec = false;
                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 // --------------------------------------------------------------------------- load / store
-template <typename T>
-inline void load2(const T* p, VF& a, VF& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    a = VF::loadu(p);
-    b = VF::loadu(p + kV);
-  } else {
-    static_assert(at::vec::Vectorized<T>::size() == kW, "16-bit vector must hold two float vectors");
-    auto ab = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
-    a = std::get<0>(ab);
-    b = std::get<1>(ab);
-  }
-}
-
-template <typename T>
-inline void store2(T* p, const VF& a, const VF& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    a.store(p);
-    b.store(p + kV);
-  } else {
-    at::vec::convert_from_float<T>(a, b).store(p);
-  }
-}
-
 // A vector step over all kW elements (Full) or over the first n of them, 0 < n < kW (Part:
 // loads read n elements and zero the other lanes, stores write n, reductions drop the other
 // lanes with the masks).
@@ -102,8 +79,26 @@ struct Part {
 };
 
 template <typename T>
-inline void load2(const T* p, VF& a, VF& b, Full) {
-  load2(p, a, b);
+inline void load2(const T* p, VF& a, VF& b, Full = {}) {
+  if constexpr (std::is_same_v<T, float>) {
+    a = VF::loadu(p);
+    b = VF::loadu(p + kV);
+  } else {
+    static_assert(at::vec::Vectorized<T>::size() == kW, "16-bit vector must hold two float vectors");
+    auto ab = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+    a = std::get<0>(ab);
+    b = std::get<1>(ab);
+  }
+}
+
+template <typename T>
+inline void store2(T* p, const VF& a, const VF& b, Full = {}) {
+  if constexpr (std::is_same_v<T, float>) {
+    a.store(p);
+    b.store(p + kV);
+  } else {
+    at::vec::convert_from_float<T>(a, b).store(p);
+  }
 }
 
 template <typename T>
@@ -116,11 +111,6 @@ inline void load2(const T* p, VF& a, VF& b, const Part& s) {
     a = std::get<0>(ab);
     b = std::get<1>(ab);
   }
-}
-
-template <typename T>
-inline void store2(T* p, const VF& a, const VF& b, Full) {
-  store2(p, a, b);
 }
 
 template <typename T>
@@ -145,13 +135,11 @@ inline void keep(VF& a, VF& b, const Part& s) {
 }
 
 // f[0, step) += (a, b)
-inline void add_lanes(float* f, const VF& a, const VF& b, Full) {
-  (VF::loadu(f) + a).store(f);
-  (VF::loadu(f + kV) + b).store(f + kV);
-}
-inline void add_lanes(float* f, const VF& a, const VF& b, const Part& s) {
-  (VF::loadu(f, s.n0) + a).store(f, s.n0);
-  if (s.n1 > 0) (VF::loadu(f + kV, s.n1) + b).store(f + kV, s.n1);
+template <typename S>
+inline void add_lanes(float* f, const VF& a, const VF& b, const S& step) {
+  VF fa, fb;
+  load2(f, fa, fb, step);
+  store2(f, fa + a, fb + b, step);
 }
 
 inline float hsum(const VF& v) {
@@ -223,13 +211,11 @@ struct Param {
   const float* p;
   float c;  // the broadcast value, held locally so that stores cannot alias it
   explicit Param(const float* ptr) : p(ptr), c(LANE ? 0.f : *ptr) {}
-  inline PV vec(int64_t l, Full = {}) const {
-    if constexpr (LANE) return {VF::loadu(p + l), VF::loadu(p + l + kV)};
-    else return {VF(c), VF(c)};
-  }
-  inline PV vec(int64_t l, const Part& s) const {
-    if constexpr (LANE) return {VF::loadu(p + l, s.n0), s.n1 > 0 ? VF::loadu(p + l + kV, s.n1) : VF(0.f)};
-    else return {VF(c), VF(c)};
+  template <typename S>
+  inline PV vec(int64_t l, const S& step) const {
+    PV v{VF(c), VF(c)};
+    if constexpr (LANE) load2(p + l, v.lo, v.hi, step);
+    return v;
   }
   inline float at(int64_t l) const {
     if constexpr (LANE) return p[l]; else return c;
@@ -259,16 +245,14 @@ void elementwise(const Geom& g, MakeOp&& make) {
       for (int64_t r = r0; r < r1; ++r) {
         const auto op = make(b * g.G + gi);
         const int64_t off = r * g.I, n = g.I;
-        int64_t i = 0;
         if constexpr (kVec) {
           const auto P = op.load(0, Full{});
+          int64_t i = 0;
           for (; i + kW <= n; i += kW) op.vec(off + i, P, Full{});
-          if (i < n) {
-            op.vec(off + i, P, tail);
-            i = n;
-          }
+          if (i < n) op.vec(off + i, P, tail);
+        } else {
+          for (int64_t i = 0; i < n; ++i) op.one(off + i, 0);
         }
-        for (; i < n; ++i) op.one(off + i, 0);
         if (++gi == g.G) {
           gi = 0;
           if (++o == g.O) { o = 0; ++b; }
@@ -290,20 +274,19 @@ void elementwise(const Geom& g, MakeOp&& make) {
       const int64_t end = std::min({r1, (b + 1) * g.O, r + block});  // rows of one b
       const auto op = make(b * G);
       const int64_t base = r * G, nr = end - r;
-      int64_t c = 0;
       if constexpr (kVec) {
-        for (; c + kW <= G; c += kW) {
-          const auto P = op.load(c, Full{});
-          for (int64_t k = 0; k < nr; ++k) op.vec(base + k * G + c, P, Full{});
-        }
-        if (c < G) {
-          const auto P = op.load(c, tail);
-          for (int64_t k = 0; k < nr; ++k) op.vec(base + k * G + c, P, tail);
-          c = G;
-        }
+        // the rows of the block at lanes [c, c + step), with one parameter load
+        auto rows_at = [&](int64_t c, const auto& step) {
+          const auto P = op.load(c, step);
+          for (int64_t k = 0; k < nr; ++k) op.vec(base + k * G + c, P, step);
+        };
+        int64_t c = 0;
+        for (; c + kW <= G; c += kW) rows_at(c, Full{});
+        if (c < G) rows_at(c, tail);
+      } else {
+        for (int64_t c = 0; c < G; ++c)
+          for (int64_t k = 0; k < nr; ++k) op.one(base + k * G + c, c);
       }
-      for (; c < G; ++c)
-        for (int64_t k = 0; k < nr; ++k) op.one(base + k * G + c, c);
       r = end;
     }
   });
@@ -332,19 +315,17 @@ std::vector<double> reduce_slots(const Geom& g, MakeE&& make) {
         for (int64_t s0 = 0; s0 < g.I; s0 += kBlock) {
           const int64_t n = std::min(kBlock, g.I - s0), off = r * g.I + s0;
           float fa = 0.f, fb = 0.f;
-          int64_t i = 0;
           if constexpr (kVec) {
             const auto Pm = e.load(0, Full{});
             VF a0(0.f), a1(0.f), b0(0.f), b1(0.f);
+            int64_t i = 0;
             for (; i + kW <= n; i += kW) e.vec(off + i, Pm, a0, a1, b0, b1, Full{});
-            if (i < n) {
-              e.vec(off + i, Pm, a0, a1, b0, b1, tail);
-              i = n;
-            }
+            if (i < n) e.vec(off + i, Pm, a0, a1, b0, b1, tail);
             fa = hsum(a0 + a1);
             fb = hsum(b0 + b1);
+          } else {
+            for (int64_t i = 0; i < n; ++i) e.one(off + i, 0, fa, fb);
           }
-          for (; i < n; ++i) e.one(off + i, 0, fa, fb);
           sa += fa;
           sb += fb;
         }
@@ -384,7 +365,6 @@ std::vector<double> reduce_slots(const Geom& g, MakeE&& make) {
       std::fill(buf.begin(), buf.end(), 0.f);
       const auto e = make(b * G);
       const int64_t base = b * g.O * G;
-      int64_t o = o0;
       if constexpr (kVec) {
         // U rows at lanes [c, c + step): their contributions summed in registers (one
         // parameter load), then added to the lane buffer
@@ -403,12 +383,14 @@ std::vector<double> reduce_slots(const Geom& g, MakeE&& make) {
         };
         // four rows at a time unless they are a multiple of 2-4 KiB apart (same L1 sets)
         const int64_t o4 = G * E::kElemSize < 2048 ? o1 : o0;
+        int64_t o = o0;
         for (; o + 4 <= o4; o += 4) rows(base + o * G, std::integral_constant<int64_t, 4>{});
         for (; o < o1; ++o) rows(base + o * G, std::integral_constant<int64_t, 1>{});
-      }
-      for (; o < o1; ++o) {
-        const int64_t row = base + o * G;
-        for (int64_t c = 0; c < G; ++c) e.one(row + c, c, fa[c], fb[c]);
+      } else {
+        for (int64_t o = o0; o < o1; ++o) {
+          const int64_t row = base + o * G;
+          for (int64_t c = 0; c < G; ++c) e.one(row + c, c, fa[c], fb[c]);
+        }
       }
       double* pa = part.data() + 2 * t * G;
       for (int64_t c = 0; c < G; ++c) {
