@@ -7,7 +7,7 @@ built backend) and fused + ``torch.compile``, side by side in one run.
 
 Workloads: ``train`` (forward, cross-entropy, backward, SGD-momentum step) and ``infer`` (eval
 mode, no grad). Variants and dtypes: see bench/harness.py (``fused-<backend>+keep``: without the
-activation rebuilds, training only -- what ``--keep-activations`` trades memory for). Compilation (and Triton autotuning)
+activation rebuilds, training only -- what ``--keep-activations`` trades memory for, and what ``train --fused`` runs on CPU). Compilation (and Triton autotuning)
 happens in untimed warm-up steps; its time is recorded apart (``compile_s``).
 
 Each result's ``extra_info`` has ``images_per_s`` (batch / median step time), ``peak_mem_bytes``

@@ -156,6 +156,10 @@ def model_tables(results):
     for (device, dtype), group in grouped(results, "device", "dtype"):
         out.append(f"#### {device}, {dtype}\n")
         out.append(f"Measured: {stamp(group)}. Command: " + "; ".join(f"`{c}`" for c in commands(group)) + "\n")
+        if any(r["variant"].endswith("+keep") for r in group):
+            out.append("`fused-<backend>` rebuilds each layer's activation in backward, `fused-<backend>+keep` "
+                       "keeps it; `python -m fastcnn.train --fused` keeps them on CPU and rebuilds them on CUDA "
+                       "(`--keep-activations` / `--rebuild-activations` choose).\n")
         if any(r.get("eager_images_per_s") for r in group):
             out.append("Side by side: each \"/ eager\" ratio compares a variant with the same model eager, run "
                        "alternately in the same test. The images/s columns and the \"/ compile\" ratios come "
@@ -269,7 +273,7 @@ def host_table(results):
                    f"(median of rounds of 20 calls; clock: {group[0].get('timer', 'perf_counter')}); "
                    "\"x8\" rows: a stack of 8 such layers in an nn.Sequential, time per layer, where each "
                    "fused output is kept as a recipe and rebuilt in backward (\"+keep\": kept as a tensor "
-                   "instead, `fastcnn.recompute.disable`, as `train --keep-activations`). "
+                   "instead, `fastcnn.recompute.disable`, as `train --fused` on CPU). "
                    + ("Ratios: each fused variant against eager timed side by side in the same test. " if side else "")
                    + "Target: fused / eager <= 1.00. Command: "
                    + "; ".join(f"`{c}`" for c in commands(group)) + "\n")

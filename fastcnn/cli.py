@@ -97,10 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("speed and device")
     s.add_argument("--fused", action="store_true", help="use the fused kernels")
     s.add_argument("--backend", help="fused backend: auto | triton | cuda | cpu | reference")
-    s.add_argument("--keep-activations", action="store_true",
-                   help="with --fused: keep each layer's activation for backward instead of rebuilding it "
-                        "(fastcnn.recompute): one op less per layer in backward, about unfused PyTorch's "
-                        "activation memory")
+    acts = s.add_mutually_exclusive_group()
+    acts.add_argument("--keep-activations", action="store_true",
+                      help="with --fused: keep each layer's activation for backward, as unfused PyTorch does "
+                           "(the default on CPU, where compute rather than memory is scarce): one elementwise "
+                           "pass less per layer in backward, unfused PyTorch's activation memory")
+    acts.add_argument("--rebuild-activations", action="store_true",
+                      help="with --fused: keep one activation per conv+BN+activation layer and rebuild the "
+                           "layer's output in backward (fastcnn.recompute; the default on CUDA, for small GPUs). "
+                           "Without either option, a --memory-budget turns the rebuilds on only if the kept "
+                           "activations do not fit")
     s.add_argument("--amp", default="auto", help="auto | bf16 | fp16 | off (default auto: bf16 on GPUs of compute capability "
                         ">= 8.0, fp16 with loss scaling below 8.0, off on CPU)")
     s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,

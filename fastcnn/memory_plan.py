@@ -5,6 +5,9 @@ through the dispatcher, on the training device) at two small batches on a copy o
 and its optimizer, and extrapolating linearly in the batch. If the prediction exceeds the
 budget, the cheapest remedy that fits is turned on:
 
+0. **activation rebuilds** (a fused model that keeps its activations by default, as on CPU):
+   each conv+BN+activation layer's output is rebuilt in backward from what the layer keeps
+   anyway (``fastcnn.recompute``; one elementwise pass per layer);
 1. **block recomputation**: each block of the model's main stack (``features`` / ``blocks``)
    runs under ``torch.utils.checkpoint``; backward recomputes the block's forward instead of
    keeping its intermediate activations (about a third more forward work). BatchNorm running
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import recompute as activation_rebuilds
 from .memory import MiB, PeakModel, fit_steps, measure_step, probe_batch
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -97,9 +101,13 @@ class MemoryPlan:
     micro_batches: int
     predicted_peak: float
     budget: int
+    #: a fused model's activation rebuilds turned on (``fastcnn.recompute.enable``)
+    rebuild_activations: bool = False
 
     def describe(self) -> str:
         what = []
+        if self.rebuild_activations:
+            what.append("activation rebuilds (fastcnn.recompute)")
         if self.recompute:
             what.append("block recomputation (torch.utils.checkpoint)")
         if self.micro_batches > 1:
@@ -110,13 +118,17 @@ class MemoryPlan:
 
 
 def fit(model: nn.Module, make_optimizer, input_size, num_classes: int, device, amp_dtype=None,
-        recompute: bool = False, probes=(8, 16), channels_last: bool = False) -> PeakModel:
+        recompute: bool = False, probes=(8, 16), channels_last: bool = False,
+        rebuild_activations: bool | None = None) -> PeakModel:
     """Fit the peak of a steady-state training step (optimizer state created by a first,
     unmeasured step) of a copy of ``model`` and a fresh optimizer made by
     ``make_optimizer(model)``, as a function of the batch size (:class:`fastcnn.memory.PeakModel`),
-    on ``device``."""
+    on ``device``. ``rebuild_activations`` True/False turns a fused model's activation
+    rebuilds on/off in the copy; None leaves them as ``model`` has them."""
     def step_at(batch):
         probe = copy.deepcopy(model).train()
+        if rebuild_activations is not None:
+            (activation_rebuilds.enable if rebuild_activations else activation_rebuilds.disable)(probe)
         if recompute:
             enable_recomputation(probe)
         x, y = probe_batch(batch, input_size, num_classes, device, channels_last)
@@ -128,31 +140,42 @@ def fit(model: nn.Module, make_optimizer, input_size, num_classes: int, device, 
 
 
 def plan(model: nn.Module, make_optimizer, batch: int, budget: int, input_size, num_classes: int,
-         device, amp_dtype=None, margin: int = 0, channels_last: bool = False) -> MemoryPlan:
-    """The cheapest :class:`MemoryPlan` whose predicted peak fits ``budget - margin``."""
+         device, amp_dtype=None, margin: int = 0, channels_last: bool = False,
+         rebuild_remedy: bool = False) -> MemoryPlan:
+    """The cheapest :class:`MemoryPlan` whose predicted peak fits ``budget - margin``: the
+    remedies in the module docstring's order, the whole batch before micro-batches.
+    ``rebuild_remedy``: ``model`` is a fused model keeping its activations, and turning its
+    activation rebuilds on is the first remedy (block recomputation then runs with them on)."""
     usable = budget - margin
     if usable <= 0:
         raise BudgetError(f"the memory budget ({budget / MiB:,.0f} MiB) is smaller than the "
                           f"{margin / MiB:,.0f} MiB kept for what the allocator does not see")
     args = (make_optimizer, input_size, num_classes, device, amp_dtype)
-    plain = fit(model, *args, channels_last=channels_last)
-    if plain.peak(batch) <= usable:
-        return MemoryPlan(False, 1, plain.peak(batch), budget)
-    try:
-        recomputed = fit(model, *args, recompute=True, channels_last=channels_last)
-    except ValueError:  # no block stack to recompute
-        recomputed = None
-    if recomputed is not None and recomputed.peak(batch) <= usable:
-        return MemoryPlan(True, 1, recomputed.peak(batch), budget)
-    for k in range(2, batch + 1):
+    # (rebuild activations, block recomputation), cheapest first
+    remedies = [(False, False)] + ([(True, False)] if rebuild_remedy else []) + [(rebuild_remedy, True)]
+    fits: dict[tuple[bool, bool], PeakModel | None] = {}
+
+    def fitted(remedy):
+        if remedy not in fits:
+            rebuild, recompute = remedy
+            try:
+                fits[remedy] = fit(model, *args, recompute=recompute, channels_last=channels_last,
+                                   rebuild_activations=rebuild if rebuild_remedy else None)
+            except ValueError:  # no block stack to recompute
+                if not recompute:
+                    raise
+                fits[remedy] = None
+        return fits[remedy]
+
+    for k in range(1, batch + 1):
         if batch % k:
             continue
-        micro = batch // k
-        if plain.peak(micro) <= usable:
-            return MemoryPlan(False, k, plain.peak(micro), budget)
-        if recomputed is not None and recomputed.peak(micro) <= usable:
-            return MemoryPlan(True, k, recomputed.peak(micro), budget)
-    best = min(plain.peak(1), recomputed.peak(1) if recomputed else float("inf"))
+        for remedy in remedies:
+            peak_model = fitted(remedy)
+            if peak_model is not None and peak_model.peak(batch // k) <= usable:
+                return MemoryPlan(remedy[1], k, peak_model.peak(batch // k), budget, rebuild_activations=remedy[0])
+    plain = fitted(remedies[0])
+    best = min(f.peak(1) for f in fits.values() if f is not None)
     raise BudgetError(f"the memory budget ({budget / MiB:,.0f} MiB, {usable / MiB:,.0f} MiB usable) cannot "
                       f"hold a training step: even one image at a time with block recomputation needs "
                       f"about {best / MiB:,.0f} MiB (parameters, gradients and optimizer state alone: "

@@ -142,6 +142,11 @@ class Env:
     channels_last: bool
     out: Progress
     summary_writer: type | None = None
+    #: a fused model keeps its activations for backward (else rebuilds them: fastcnn.recompute)
+    keep_activations: bool = False
+    #: ``--keep-activations``/``--rebuild-activations`` given (else the device's default, which
+    #: a ``--memory-budget`` plan may change)
+    activations_given: bool = False
 
     @property
     def main_proc(self) -> bool:
@@ -181,8 +186,10 @@ def _environment(args, rec: Recipe) -> Env:
     rank, world, _, device = init_distributed(args.device)
     amp_name, amp_dtype = _amp_dtype(args.amp, device)
     budget = parse_size(args.memory_budget) if args.memory_budget else None
-    if args.keep_activations and not args.fused:
-        raise UsageError("--keep-activations is an option of --fused (unfused models always keep them)")
+    for given, flag in ((args.keep_activations, "--keep-activations"),
+                        (args.rebuild_activations, "--rebuild-activations")):
+        if given and not args.fused:
+            raise UsageError(f"{flag} is an option of --fused (unfused models always keep their activations)")
     if args.sync_bn and args.fused:
         raise UsageError("--sync-bn with --fused: the fused kernels compute per-process batch statistics; "
                          "drop one of the two")
@@ -199,9 +206,12 @@ def _environment(args, rec: Recipe) -> Env:
             from torch.utils.tensorboard import SummaryWriter as summary_writer
         except ImportError:
             raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    activations_given = args.keep_activations or args.rebuild_activations
     env = Env(rank, world, device, amp_name, amp_dtype, budget,
               channels_last=device.type == "cuda" if args.channels_last is None else args.channels_last,
-              out=Progress(rank == 0), summary_writer=summary_writer)
+              out=Progress(rank == 0), summary_writer=summary_writer,
+              keep_activations=args.keep_activations if activations_given else keeps_activations_by_default(device),
+              activations_given=activations_given)
 
     if budget is not None and device.type == "cuda":  # the cap; the plan comes before the first step
         total = torch.cuda.get_device_properties(device).total_memory
@@ -220,6 +230,17 @@ def _environment(args, rec: Recipe) -> Env:
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     return env
+
+
+def keeps_activations_by_default(device: torch.device) -> bool:
+    """Whether ``--fused`` keeps each layer's activation for backward unless told otherwise.
+
+    The rebuilds (fastcnn.recompute) trade one elementwise pass per layer in backward for one
+    activation per layer less: the trade small GPUs need (every CIFAR model at batch 128 in
+    under 3 GB), so CUDA rebuilds. A CPU has the memory and lacks the bandwidth: the pass
+    costs a fused resnet20 step about 5% and densenet_bc_100_12 (whose concatenated inputs are
+    rebuilt as well) about 20% (bench/RESULTS.md), so the CPU keeps them."""
+    return device.type != "cuda"
 
 
 def _dataset(args, env: Env, info) -> Data:
@@ -254,7 +275,7 @@ def _model(args, rec: Recipe, env: Env, info, data: Data):
     """The model (seeded with ``--seed``) on the device, in its memory format."""
     torch.manual_seed(args.seed)
     model, model_kwargs = build_model(info.name, info, data.ds, rec, args.fused)
-    if args.keep_activations:
+    if env.keep_activations:
         recompute.disable(model)
     model = model.to(env.device)
     if env.channels_last:
@@ -302,7 +323,8 @@ def _preflight(model, loader, amp_dtype):
 
 
 def _plan_memory(args, rec: Recipe, env: Env, data: Data, raw_model, batch: int) -> int:
-    """With ``--memory-budget``: plan before the first step (recomputation, then micro-batches);
+    """With ``--memory-budget``: plan before the first step (activation rebuilds where the
+    fused model keeps its activations by default, block recomputation, then micro-batches);
     returns the number of micro-batches per step."""
     if env.budget is None:
         return 1
@@ -310,9 +332,13 @@ def _plan_memory(args, rec: Recipe, env: Env, data: Data, raw_model, batch: int)
     try:
         mplan = memory_plan.plan(raw_model, lambda m: build_optimizer(m, rec, args.no_decay_bn_bias),
                                  batch, env.budget, data.input_size, data.ds.num_classes, env.device,
-                                 env.amp_dtype, margin, env.channels_last)
+                                 env.amp_dtype, margin, env.channels_last,
+                                 rebuild_remedy=args.fused and env.keep_activations and not env.activations_given)
     except memory_plan.BudgetError as e:
         raise UsageError(f"--memory-budget {args.memory_budget}: {e}") from None
+    if mplan.rebuild_activations:
+        recompute.enable(raw_model)
+        env.keep_activations = False
     if mplan.recompute:
         memory_plan.enable_recomputation(raw_model)
     env.out.line(mplan.describe() + ("" if env.device.type == "cuda" else
@@ -412,13 +438,19 @@ def _config(args, model_name: str, model_kwargs: dict, rec: Recipe, env: Env, da
     config = {"model": model_name, "model_kwargs": model_kwargs, "num_classes": ds.num_classes,
               "in_chans": ds.in_chans, "input_size": list(data.input_size), "dataset": args.dataset,
               "data_dir": ds.root, "classes": list(ds.classes), "mean": data.mean, "std": data.std,
-              "fused": bool(args.fused), "keep_activations": bool(args.keep_activations),
+              "fused": bool(args.fused), "keep_activations": bool(args.fused and env.keep_activations),
               "backend": fastcnn.get_backend(), "amp": env.amp_name,
               "world_size": env.world, "device": str(env.device), "recipe": rec.as_dict(),
               "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
               "train_images": int(ds.train_labels.shape[0]), "fastcnn": fastcnn.__version__,
               "torch": str(torch.__version__)}
     return json.loads(json.dumps(config))
+
+
+def _activations_note(env: Env) -> str:
+    how = "kept" if env.keep_activations else "rebuilt"
+    why = "" if env.activations_given else f" (the {env.device.type} default)" if env.budget is None else " (planned)"
+    return f" activations {how}{why}"
 
 
 def _announce(log: RunLog, args, rec: Recipe, env: Env, data: Data, raw_model, model_name: str, run_dir: str,
@@ -430,7 +462,8 @@ def _announce(log: RunLog, args, rec: Recipe, env: Env, data: Data, raw_model, m
     log.line(f"{model_name} ({sum(p.numel() for p in raw_model.parameters()):,} params) on {args.dataset} "
              f"({ds.train_labels.shape[0]} train / {ds.test_labels.shape[0]} test images), {env.device}"
              f"{f' x{env.world}' if env.world > 1 else ''}, fused={args.fused} backend={fastcnn.get_backend()} "
-             f"amp={env.amp_name}{' cuda-graphs' if args.cuda_graphs else ''}; {where}")
+             f"amp={env.amp_name}{' cuda-graphs' if args.cuda_graphs else ''}"
+             f"{_activations_note(env) if args.fused else ''}; {where}")
     if env.device.type == "cpu":
         log.line(cpu_memory.status())
     log.line(f"recipe: {rec.epochs} epochs, batch {rec.batch_size}, {rec.optimizer} lr {rec.lr:g}, "

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcnn
-from fastcnn import memory_plan
+from fastcnn import memory_plan, recompute
 from fastcnn.memory import MiB
 
 
@@ -65,6 +65,31 @@ def test_plan_picks_the_cheapest_remedy_that_fits():
     with pytest.raises(memory_plan.BudgetError, match="cannot hold a training step"):
         plan(plain.fixed * 0.5)
     assert "micro-batches" in plan(recomputed.peak(batch // 4) * 1.02).describe()
+
+
+def test_plan_rebuilds_a_fused_models_activations_before_recomputing_blocks():
+    """A fused model that keeps its activations (train's CPU default) is planned with its
+    activation rebuilds as the first remedy: they are on in the plan only when the kept step
+    does not fit, and the model passed in is left as it was."""
+    model = recompute.disable(fastcnn.create_model("resnet20", fused=True))
+    kept = memory_plan.fit(model, _sgd, (3, 32, 32), 10, "cpu")
+    rebuilt = memory_plan.fit(model, _sgd, (3, 32, 32), 10, "cpu", rebuild_activations=True)
+    assert rebuilt.per_image < 0.8 * kept.per_image
+    batch = 64
+
+    def plan(budget, rebuild_remedy=True):
+        return memory_plan.plan(model, _sgd, batch, int(budget), (3, 32, 32), 10, "cpu",
+                                rebuild_remedy=rebuild_remedy)
+
+    p = plan(kept.peak(batch) * 1.05)
+    assert not p.rebuild_activations and not p.recompute and p.micro_batches == 1
+    between = (kept.peak(batch) + rebuilt.peak(batch)) / 2
+    p = plan(between)
+    assert p.rebuild_activations and not p.recompute and p.micro_batches == 1
+    assert "activation rebuilds" in p.describe()
+    p = plan(between, rebuild_remedy=False)  # a fused model told to keep them: blocks are recomputed
+    assert not p.rebuild_activations and p.recompute
+    assert getattr(model, recompute._HANDLES, None) is None
 
 
 def test_micro_batches_give_the_full_batch_update(tmp_path):

@@ -139,23 +139,32 @@ def test_fused_reference_backend_trains_like_unfused(cifar_dir, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_keep_activations_trains_like_rebuilding_them(cifar_dir, tmp_path):
-    """--keep-activations turns off the rebuild hooks (fastcnn.recompute) of a fused model:
-    the same weights after a step as with them (the rebuilds are bit for bit), the choice in
-    config.json; without --fused it is a usage error."""
+def test_activations_kept_on_cpu_by_default_and_rebuilt_on_request(cifar_dir, tmp_path, capsys):
+    """--fused keeps each layer's activation on CPU unless --rebuild-activations turns the
+    rebuild hooks (fastcnn.recompute) on: the same weights after a step either way (the
+    rebuilds are bit for bit), the choice in config.json and the run's first line; either
+    option without --fused, or both together, is a usage error."""
     base = ["resnet20", *_common(cifar_dir, tmp_path), "--subset", "128", "--epochs", "1", "--batch-size", "32",
             "--fused", "--backend", "reference", "--seed", "0"]
-    rebuilt = train(base + ["--name", "rebuilt"])
-    kept = train(base + ["--name", "kept", "--keep-activations"])
+    rebuilt = train(base + ["--name", "rebuilt", "--rebuild-activations"])
+    capsys.readouterr()
+    kept = train(base + ["--name", "kept"])
+    kept_out = capsys.readouterr()
+    explicit = train(base + ["--name", "explicit", "--keep-activations"])
     fastcnn.set_backend("auto")
     assert getattr(kept["model"], recompute._HANDLES, None) is None
+    assert getattr(explicit["model"], recompute._HANDLES, None) is None
     assert getattr(rebuilt["model"], recompute._HANDLES, None) is not None
     for (k, a), b in zip(rebuilt["model"].state_dict().items(), kept["model"].state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
-    cfg = json.load(open(os.path.join(kept["run_dir"], "config.json")))
-    assert cfg["keep_activations"] is True
-    with pytest.raises(UsageError, match="--keep-activations is an option of --fused"):
-        train(["resnet20", *_common(cifar_dir, tmp_path), "--keep-activations"])
+    for run, keeps in ((kept, True), (rebuilt, False)):
+        assert json.load(open(os.path.join(run["run_dir"], "config.json")))["keep_activations"] is keeps
+    assert "activations kept (the cpu default)" in kept_out.out + kept_out.err
+    for flag in ("--keep-activations", "--rebuild-activations"):
+        with pytest.raises(UsageError, match=f"{flag} is an option of --fused"):
+            train(["resnet20", *_common(cifar_dir, tmp_path), flag])
+    with pytest.raises(SystemExit):
+        train(base + ["--keep-activations", "--rebuild-activations"])
 
 
 def test_bf16_autocast_and_label_smoothing_run(cifar_dir, tmp_path):
