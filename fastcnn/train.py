@@ -147,6 +147,8 @@ class Env:
     #: ``--keep-activations``/``--rebuild-activations`` given (else the device's default, which
     #: a ``--memory-budget`` plan may change)
     activations_given: bool = False
+    #: the memory plan decided ``keep_activations``
+    activations_planned: bool = False
 
     @property
     def main_proc(self) -> bool:
@@ -329,13 +331,15 @@ def _plan_memory(args, rec: Recipe, env: Env, data: Data, raw_model, batch: int)
     if env.budget is None:
         return 1
     margin = min(memory.MARGIN, env.budget // 6) if env.device.type == "cuda" else 0
+    rebuild_remedy = args.fused and env.keep_activations and not env.activations_given
     try:
         mplan = memory_plan.plan(raw_model, lambda m: build_optimizer(m, rec, args.no_decay_bn_bias),
                                  batch, env.budget, data.input_size, data.ds.num_classes, env.device,
                                  env.amp_dtype, margin, env.channels_last,
-                                 rebuild_remedy=args.fused and env.keep_activations and not env.activations_given)
+                                 rebuild_remedy=rebuild_remedy)
     except memory_plan.BudgetError as e:
         raise UsageError(f"--memory-budget {args.memory_budget}: {e}") from None
+    env.activations_planned = rebuild_remedy
     if mplan.rebuild_activations:
         recompute.enable(raw_model)
         env.keep_activations = False
@@ -449,7 +453,8 @@ def _config(args, model_name: str, model_kwargs: dict, rec: Recipe, env: Env, da
 
 def _activations_note(env: Env) -> str:
     how = "kept" if env.keep_activations else "rebuilt"
-    why = "" if env.activations_given else f" (the {env.device.type} default)" if env.budget is None else " (planned)"
+    why = ("" if env.activations_given else " (the memory plan's choice)" if env.activations_planned
+           else f" (the {env.device.type} default)")
     return f" activations {how}{why}"
 
 

@@ -167,6 +167,37 @@ def test_activations_kept_on_cpu_by_default_and_rebuilt_on_request(cifar_dir, tm
         train(base + ["--keep-activations", "--rebuild-activations"])
 
 
+def test_memory_budget_turns_a_cpu_runs_activation_rebuilds_on_when_kept_ones_do_not_fit(cifar_dir, tmp_path,
+                                                                                           capsys):
+    """With a --memory-budget between the kept and the rebuilt step's peak, a fused CPU run
+    (which keeps its activations by default) is planned with its rebuilds on, says so, and
+    records it; --keep-activations forbids that remedy, so blocks are recomputed instead."""
+    from fastcnn import memory_plan
+    model = recompute.disable(fastcnn.create_model("resnet20", fused=True))
+
+    def sgd(m):
+        return torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+
+    batch = 32
+    kept = memory_plan.fit(model, sgd, (3, 32, 32), 10, "cpu").peak(batch)
+    rebuilt = memory_plan.fit(model, sgd, (3, 32, 32), 10, "cpu", rebuild_activations=True).peak(batch)
+    budget = f"{(kept + rebuilt) / 2 / 2**20:.2f}MiB"
+    base = ["resnet20", *_common(cifar_dir, tmp_path), "--subset", "64", "--epochs", "1", "--batch-size",
+            str(batch), "--fused", "--memory-budget", budget]
+    capsys.readouterr()
+    planned = train(base + ["--name", "planned"])
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "memory plan: activation rebuilds (fastcnn.recompute);" in text, text
+    assert "activations rebuilt (the memory plan's choice)" in text, text
+    assert getattr(planned["model"], recompute._HANDLES, None) is not None
+    assert json.load(open(os.path.join(planned["run_dir"], "config.json")))["keep_activations"] is False
+    told = train(base + ["--name", "told", "--keep-activations"])
+    out = capsys.readouterr()
+    assert "memory plan: block recomputation" in out.out + out.err
+    assert getattr(told["model"], recompute._HANDLES, None) is None
+
+
 def test_bf16_autocast_and_label_smoothing_run(cifar_dir, tmp_path):
     res = train(["lenet5", *_common(cifar_dir, tmp_path), "--subset", "256", "--epochs", "1",
                  "--batch-size", "64", "--amp", "bf16", "--label-smoothing", "0.1", "--no-decay-bn-bias",
