@@ -240,8 +240,8 @@ def keeps_activations_by_default(device: torch.device) -> bool:
     The rebuilds (fastcnn.recompute) trade one elementwise pass per layer in backward for one
     activation per layer less: the trade small GPUs need (every CIFAR model at batch 128 in
     under 3 GB), so CUDA rebuilds. A CPU has the memory and lacks the bandwidth: the pass
-    costs a fused resnet20 step about 5% and densenet_bc_100_12 (whose concatenated inputs are
-    rebuilt as well) about 20% (bench/RESULTS.md), so the CPU keeps them."""
+    costs a fused resnet20 step 3-5% and densenet_bc_100_12 (whose concatenated inputs are
+    rebuilt as well) about 17-22% (bench/RESULTS.md, Intel Xeon), so the CPU keeps them."""
     return device.type != "cuda"
 
 
