@@ -147,8 +147,6 @@ class Env:
     #: ``--keep-activations``/``--rebuild-activations`` given (else the device's default, which
     #: a ``--memory-budget`` plan may change)
     activations_given: bool = False
-    #: the memory plan decided ``keep_activations``
-    activations_planned: bool = False
 
     @property
     def main_proc(self) -> bool:
@@ -245,6 +243,12 @@ def keeps_activations_by_default(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
+def _plan_chooses_activations(env: Env) -> bool:
+    """Whether a ``--memory-budget`` plan decides if a fused run keeps its activations: neither
+    option given, on a device that keeps them by default (the rebuilds are then its first remedy)."""
+    return env.budget is not None and not env.activations_given and keeps_activations_by_default(env.device)
+
+
 def _dataset(args, env: Env, info) -> Data:
     """The dataset (rank 0 downloads if needed, the others wait and read) and its statistics."""
     if env.world > 1:
@@ -331,7 +335,7 @@ def _plan_memory(args, rec: Recipe, env: Env, data: Data, raw_model, batch: int)
     if env.budget is None:
         return 1
     margin = min(memory.MARGIN, env.budget // 6) if env.device.type == "cuda" else 0
-    rebuild_remedy = args.fused and env.keep_activations and not env.activations_given
+    rebuild_remedy = args.fused and _plan_chooses_activations(env)
     try:
         mplan = memory_plan.plan(raw_model, lambda m: build_optimizer(m, rec, args.no_decay_bn_bias),
                                  batch, env.budget, data.input_size, data.ds.num_classes, env.device,
@@ -339,7 +343,6 @@ def _plan_memory(args, rec: Recipe, env: Env, data: Data, raw_model, batch: int)
                                  rebuild_remedy=rebuild_remedy)
     except memory_plan.BudgetError as e:
         raise UsageError(f"--memory-budget {args.memory_budget}: {e}") from None
-    env.activations_planned = rebuild_remedy
     if mplan.rebuild_activations:
         recompute.enable(raw_model)
         env.keep_activations = False
@@ -453,7 +456,7 @@ def _config(args, model_name: str, model_kwargs: dict, rec: Recipe, env: Env, da
 
 def _activations_note(env: Env) -> str:
     how = "kept" if env.keep_activations else "rebuilt"
-    why = ("" if env.activations_given else " (the memory plan's choice)" if env.activations_planned
+    why = ("" if env.activations_given else " (the memory plan's choice)" if _plan_chooses_activations(env)
            else f" (the {env.device.type} default)")
     return f" activations {how}{why}"
 
