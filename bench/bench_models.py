@@ -18,7 +18,9 @@ included; None for compiled variants on CPU, which the tracker cannot see into),
 Side by side (CPU): on a shared machine the load changes from one test to the next, so on CPU a
 non-eager variant's test also runs the same model eager, one step before each of its own timed
 rounds (pytest-benchmark's untimed ``setup``), and records that as ``eager_images_per_s``;
-``python -m bench.report`` takes "over eager" ratios from the pair. (Not on a GPU: a lent GPU is
+``python -m bench.report`` takes "over eager" ratios from the pair. Rounds: 20 on a GPU; on
+CPU as many as fit about 4 s of the variant's steps, 5 to 25 (``rounds``; recorded in
+``extra_info["rounds"]``). (Not on a GPU: a lent GPU is
 not shared, and the eager twin's steps would enter the variant's allocator peak.)
 
 Default selection: on a GPU every zoo model at batch 128; on CPU four models whose balance of
@@ -28,6 +30,7 @@ minutes. ``--bench-models all`` selects the whole zoo.
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import time
 
@@ -46,7 +49,22 @@ CPU_MODELS = {"resnet20": 64, "densenet_bc_100_12": 16, "se_resnext29_4x64d": 4,
 GPU_BATCH = 128
 WORKLOADS = ["train", "infer"]
 ROUNDS = {"cuda": 20, "cpu": 5}
+#: CPU: timed rounds until about this many seconds of the variant's steps, within CPU_ROUNDS
+#: (resnet20's 0.2 s step gets 20 rounds, not 5: its fused / eager ratio moved 1.16-1.24
+#: between three 5-round runs on a quiet machine, 2026-12-03)
+CPU_ROUND_BUDGET_S = 4.0
+CPU_ROUNDS = (5, 25)
 WARMUP = 3
+
+
+def rounds(step_s: float) -> int:
+    """Timed rounds for a step of ``step_s`` seconds: fixed on a GPU (not shared); on CPU as
+    many as fit ``CPU_ROUND_BUDGET_S``, within ``CPU_ROUNDS``, so that a fast model's median
+    rests on more than five noisy steps."""
+    if harness.DEVICE != "cpu":
+        return ROUNDS[harness.DEVICE]
+    lo, hi = CPU_ROUNDS
+    return max(lo, min(hi, math.ceil(CPU_ROUND_BUDGET_S / max(step_s, 1e-6))))
 
 
 def _models() -> list[str]:
@@ -117,15 +135,15 @@ def test_model(benchmark, name, workload, variant):
         eager_step()
     if harness.CUDA:
         torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(lambda: (step(), harness.sync()), setup=time_eager, rounds=ROUNDS[harness.DEVICE],
-                       iterations=1)
+    n_rounds = rounds(statistics.median(warm))
+    benchmark.pedantic(lambda: (step(), harness.sync()), setup=time_eager, rounds=n_rounds, iterations=1)
     if harness.CUDA:
         peak = torch.cuda.max_memory_allocated()
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(harness.environment())
     benchmark.extra_info.update(
         model=name, workload=workload, variant=variant, batch=batch,
-        images_per_s=batch / median, peak_mem_bytes=peak,
+        images_per_s=batch / median, peak_mem_bytes=peak, rounds=n_rounds,
         first_step_s=first, compile_s=max(0.0, first - statistics.median(warm)) if "compile" in variant else 0.0,
         params=sum(p.numel() for p in model.parameters()),
     )

@@ -196,3 +196,15 @@ def test_host_instructions_counts_under_callgrind():
         assert r["instructions_per_call"] > 10_000, r
         lo, hi = min(r["rounds"]), max(r["rounds"])
         assert hi / lo < 1.02, r  # deterministic: the point of counting
+
+
+def test_model_benchmark_rounds_fit_a_time_budget_on_cpu(monkeypatch):
+    """A fast CPU step gets more timed rounds than a slow one, within the bounds; a GPU a fixed count."""
+    from bench import bench_models, harness
+    monkeypatch.setattr(harness, "DEVICE", "cpu")
+    lo, hi = bench_models.CPU_ROUNDS
+    assert bench_models.rounds(0.2) == 20  # resnet20's step at batch 64 on the 2-core CPU
+    assert bench_models.rounds(30.0) == lo and bench_models.rounds(1e-4) == hi
+    assert bench_models.rounds(0.0) == hi
+    monkeypatch.setattr(harness, "DEVICE", "cuda")
+    assert bench_models.rounds(0.2) == bench_models.ROUNDS["cuda"]
