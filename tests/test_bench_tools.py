@@ -208,3 +208,16 @@ def test_model_benchmark_rounds_fit_a_time_budget_on_cpu(monkeypatch):
     assert bench_models.rounds(0.0) == hi
     monkeypatch.setattr(harness, "DEVICE", "cuda")
     assert bench_models.rounds(0.2) == bench_models.ROUNDS["cuda"]
+
+
+def test_step_profile_splits_both_steps_by_category(capsys):
+    from bench import step_profile
+    assert step_profile.main(["resnet20", "--batch", "2", "--threads", "1", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    eager, fused = (next(line for line in out.splitlines() if line.strip().startswith(k)) for k in ("eager", "fused"))
+    assert "conv backward" in eager and "BN backward" in eager and "fastcnn::" not in eager
+    assert "conv backward" in fused and "fastcnn::bn_act_backward" in fused and "BN backward" not in fused
+    assert "eager / fused wall:" in out
+    with pytest.raises(SystemExit):
+        step_profile.main(["no_such_model"])
+    assert "unknown model 'no_such_model'" in capsys.readouterr().err
