@@ -48,7 +48,7 @@ from fastcnn.memory import MemoryTracker
 CPU_MODELS = {"resnet20": 64, "densenet_bc_100_12": 16, "se_resnext29_4x64d": 4, "simplenet": 32}
 GPU_BATCH = 128
 WORKLOADS = ["train", "infer"]
-ROUNDS = {"cuda": 20, "cpu": 5}
+GPU_ROUNDS = 20
 #: CPU: timed rounds until about this many seconds of the variant's steps, within CPU_ROUNDS
 #: (resnet20's 0.2 s step gets 20 rounds, not 5: its fused / eager ratio moved 1.16-1.24
 #: between three 5-round runs on a quiet machine, 2026-12-03)
@@ -61,8 +61,8 @@ def rounds(step_s: float) -> int:
     """Timed rounds for a step of ``step_s`` seconds: fixed on a GPU (not shared); on CPU as
     many as fit ``CPU_ROUND_BUDGET_S``, within ``CPU_ROUNDS``, so that a fast model's median
     rests on more than five noisy steps."""
-    if harness.DEVICE != "cpu":
-        return ROUNDS[harness.DEVICE]
+    if harness.CUDA:
+        return GPU_ROUNDS
     lo, hi = CPU_ROUNDS
     return max(lo, min(hi, math.ceil(CPU_ROUND_BUDGET_S / max(step_s, 1e-6))))
 
@@ -99,10 +99,12 @@ def _cases():
             if not (w == "infer" and harness.keeps_activations(v))]
 
 
-def _build(name: str, variant: str, workload: str):
+def build_model(name: str, variant: str, workload: str, device: str = harness.DEVICE):
+    """(the model as ``variant`` builds it, channels_last, in train or eval mode; what runs it:
+    the model or its ``torch.compile``; the op backend of its fused layers)."""
     fused, backend, compiled = harness.parse_variant(variant)
     torch.manual_seed(0)
-    model = fastcnn.create_model(name, fused=fused).to(harness.DEVICE)
+    model = fastcnn.create_model(name, fused=fused).to(device)
     if harness.keeps_activations(variant):
         recompute.disable(model)
     model = model.to(memory_format=torch.channels_last).train(workload == "train")
@@ -113,14 +115,10 @@ def _build(name: str, variant: str, workload: str):
 @pytest.mark.parametrize("name,workload,variant", _cases())
 def test_model(benchmark, name, workload, variant):
     harness.skip_unavailable(variant)
-    model, run, backend = _build(name, variant, workload)
+    model, run, backend = build_model(name, variant, workload)
     batch = _batch(name)
-    info = fastcnn.model_info(name)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *info.input_size, generator=gen).to(harness.DEVICE)
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, info.num_classes, (batch,), generator=gen).to(harness.DEVICE)
-    step, opt = _step(model, run, backend, workload, x, y)
+    x, y = inputs(name, batch)
+    step, opt = make_step(model, run, backend, workload, x, y)
     first = harness.timed(step)  # compilation, autotuning, allocator growth
     warm = [harness.timed(step) for _ in range(WARMUP - 1)]
     peak = None if "compile" in variant else _peak_bytes(step, model, opt, x, y)
@@ -153,7 +151,15 @@ def test_model(benchmark, name, workload, variant):
     gc.collect()
 
 
-def _step(model, run, backend, workload, x, y):
+def inputs(name: str, batch: int, device: str = harness.DEVICE):
+    """A fixed random batch for ``name``: channels_last images and class labels."""
+    info = fastcnn.model_info(name)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *info.input_size, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, info.num_classes, (batch,), generator=gen).to(device)
+
+
+def make_step(model, run, backend, workload, x, y):
     """(one step of ``workload`` on ``run``, its optimizer): ``train`` is forward, cross-entropy,
     backward and an SGD-momentum step; ``infer`` a no-grad forward."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -174,8 +180,8 @@ def _step(model, run, backend, workload, x, y):
 
 def _eager_twin(name, workload, x, y):
     """One step of the same model eager (for the side-by-side ratio)."""
-    model, run, backend = _build(name, "eager", workload)
-    return _step(model, run, backend, workload, x, y)[0]
+    model, run, backend = build_model(name, "eager", workload)
+    return make_step(model, run, backend, workload, x, y)[0]
 
 
 def _peak_bytes(step, *held) -> int | None:

@@ -9,8 +9,11 @@ which fused runs through the same oneDNN calls); this says how large that share 
 fused BN/activation ops cost against eager's. Rounds alternate the variants (eager, fused,
 eager, ...) so both see the same machine load; each round profiles one step of each and times
 one more without the profiler (the profiler's per-op cost inflates eager, which runs more ops).
-The fused variant keeps its activations (``recompute.disable``: what ``train --fused`` runs on
-CPU) unless ``--rebuild``. Freed memory is kept in the process, as in the benchmarks.
+The models and steps are the model benchmark's (``bench_models``: ``eager`` against
+``fused-cpu+keep``, the activations kept as ``train --fused`` runs on CPU, or ``fused-cpu``
+with ``--rebuild``), on the CPU whatever the machine, with malloc set as the benchmarks set it
+(``bench.harness``: freed memory kept on a machine without a GPU unless
+``FASTCNN_BENCH_MALLOC=default``; the first line says which).
 """
 from __future__ import annotations
 
@@ -21,11 +24,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import fastcnn
-from fastcnn import cpu_memory, recompute
+from bench import bench_models
+from fastcnn import cpu_memory
 
 #: profiler event name -> category (fastcnn's own ops keep their names)
 _CATEGORIES = {
@@ -48,32 +51,14 @@ def category(event: str) -> str:
     return event if event.startswith("fastcnn::") else "other"
 
 
-def _step(name: str, fused: bool, rebuild: bool, x, y):
-    torch.manual_seed(0)
-    model = fastcnn.create_model(name, fused=fused)
-    if fused and not rebuild:
-        recompute.disable(model)
-    model = model.to(memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    backend = "cpu" if fused else "reference"
-
-    def step():
-        with fastcnn.use_backend(backend):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
 def profile_steps(name: str, batch: int, rounds: int, rebuild: bool = False):
     """{variant: (wall-clock seconds per step (median), {category: ms per step})}."""
-    info = fastcnn.model_info(name)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *info.input_size, generator=gen).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, info.num_classes, (batch,), generator=gen)
-    steps = {"eager": _step(name, False, rebuild, x, y), "fused": _step(name, True, rebuild, x, y)}
+    x, y = bench_models.inputs(name, batch, "cpu")
+    variants = {"eager": "eager", "fused": "fused-cpu" if rebuild else "fused-cpu+keep"}
+    steps = {}
+    for k, variant in variants.items():  # the model benchmark's models and training steps
+        model, run, backend = bench_models.build_model(name, variant, "train", "cpu")
+        steps[k] = bench_models.make_step(model, run, backend, "train", x, y)[0]
     for step in steps.values():
         for _ in range(3):  # warm-up: allocator, oneDNN primitive caches
             step()
@@ -103,11 +88,11 @@ def main(argv=None) -> int:
         p.error(f"unknown model {args.model!r}; models: {', '.join(fastcnn.list_models())}")
     if args.batch < 2 or args.rounds < 1 or args.threads < 1:
         p.error("--batch must be at least 2 (BN), --rounds and --threads at least 1")
-    cpu_memory.retain_freed_memory()
     torch.set_num_threads(args.threads)
     result = profile_steps(args.model, args.batch, args.rounds, args.rebuild)
     print(f"{args.model} batch {args.batch}, {args.threads} thread(s), {args.rounds} alternating rounds, "
-          f"fused {'rebuilds' if args.rebuild else 'keeps'} activations; torch {torch.__version__}")
+          f"fused {'rebuilds' if args.rebuild else 'keeps'} activations; torch {torch.__version__}; "
+          f"{cpu_memory.status()}")
     for k, (wall, ms) in result.items():
         parts = ", ".join(f"{c} {v:.1f}" for c, v in sorted(ms.items(), key=lambda kv: -kv[1]) if v >= 0.05)
         print(f"  {k:5s} {wall * 1e3:7.1f} ms/step wall; profiler self ms/step: {parts} (sum {sum(ms.values()):.1f})")

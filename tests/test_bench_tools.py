@@ -201,13 +201,13 @@ def test_host_instructions_counts_under_callgrind():
 def test_model_benchmark_rounds_fit_a_time_budget_on_cpu(monkeypatch):
     """A fast CPU step gets more timed rounds than a slow one, within the bounds; a GPU a fixed count."""
     from bench import bench_models, harness
-    monkeypatch.setattr(harness, "DEVICE", "cpu")
+    monkeypatch.setattr(harness, "CUDA", False)
     lo, hi = bench_models.CPU_ROUNDS
     assert bench_models.rounds(0.2) == 20  # resnet20's step at batch 64 on the 2-core CPU
     assert bench_models.rounds(30.0) == lo and bench_models.rounds(1e-4) == hi
     assert bench_models.rounds(0.0) == hi
-    monkeypatch.setattr(harness, "DEVICE", "cuda")
-    assert bench_models.rounds(0.2) == bench_models.ROUNDS["cuda"]
+    monkeypatch.setattr(harness, "CUDA", True)
+    assert bench_models.rounds(0.2) == bench_models.GPU_ROUNDS
 
 
 def test_step_profile_splits_both_steps_by_category(capsys):
