@@ -451,11 +451,13 @@ inline void pre_act(const T* r, int64_t off, const VF& x0, const VF& x1, const P
   }
 }
 
-// backward: dz = gy * act'(x * s + t (+ r)); a = dz, b = dz * (x - c)
-template <typename T, int ACT, bool LANE, bool RES>
+// backward: dz = gy * act'(x * s + t (+ r)); a = dz, b = dz * (x - c); STORE: dz also written
+// to dz_out (a residual's gradient, which the apply then reads back: DzApplyOp)
+template <typename T, int ACT, bool LANE, bool RES, bool STORE = false>
 struct GradE {
   static constexpr int64_t kElemSize = sizeof(T);
   const T *gy, *x, *r;
+  T* dz_out;
   Param<LANE> s, t, c;
   float p;
   struct Loaded {
@@ -474,6 +476,7 @@ struct GradE {
       d0 = dact_v<ACT>(d0, z0, p);
       d1 = dact_v<ACT>(d1, z1, p);
     }
+    if constexpr (STORE) store2(dz_out + off, d0, d1, st);
     keep(d0, d1, st);
     a0 = a0 + d0;
     a1 = a1 + d1;
@@ -485,6 +488,7 @@ struct GradE {
     float z = xv * s.at(l) + t.at(l);
     if constexpr (RES) z += static_cast<float>(r[off]);
     const float dz = grad_through_act<ACT>(static_cast<float>(gy[off]), z, p);
+    if constexpr (STORE) dz_out[off] = static_cast<T>(dz);
     a += dz;
     b += dz * (xv - c.at(l));
   }
@@ -559,6 +563,36 @@ struct BackwardOp {
   }
 };
 
+// backward from a stored dz (a residual layer's, written by the reduction):
+// gx = s * dz + a * (x - c) + b -- reads dz and x, not gy, x and r again
+template <typename T, bool LANE>
+struct DzApplyOp {
+  static constexpr int64_t kElemSize = sizeof(T);
+  const T *dz, *x;
+  T* gx;
+  Param<LANE> s, c, a, b;
+  struct Loaded {
+    PV s, c, a, b;
+  };
+  template <typename S>
+  inline Loaded load(int64_t l, const S& st) const {
+    return {s.vec(l, st), c.vec(l, st), a.vec(l, st), b.vec(l, st)};
+  }
+  template <typename S>
+  inline void vec(int64_t off, const Loaded& P, const S& st) const {
+    VF x0, x1, d0, d1;
+    load2(x + off, x0, x1, st);
+    load2(dz + off, d0, d1, st);
+    const VF g0 = at::vec::fmadd(P.s.lo, d0, at::vec::fmadd(P.a.lo, x0 - P.c.lo, P.b.lo));
+    const VF g1 = at::vec::fmadd(P.s.hi, d1, at::vec::fmadd(P.a.hi, x1 - P.c.hi, P.b.hi));
+    store2(gx + off, g0, g1, st);
+  }
+  inline void one(int64_t off, int64_t l) const {
+    const float xv = static_cast<float>(x[off]);
+    gx[off] = static_cast<T>(s.at(l) * static_cast<float>(dz[off]) + a.at(l) * (xv - c.at(l)) + b.at(l));
+  }
+};
+
 inline const float* fptr(const at::Tensor& t) { return t.data_ptr<float>(); }
 
 }  // namespace
@@ -615,23 +649,36 @@ void act_forward(const at::Tensor& x, const at::Tensor& r, at::Tensor& y, const 
   });
 }
 
-at::Tensor act_backward_reduce(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& r,
-                               const at::Tensor& scale, const at::Tensor& shift,
-                               const at::Tensor& center, Geom g, Act act, float act_param) {
+namespace {
+
+// act_backward_reduce, and with dz_out defined (a residual layer) act_backward_reduce_dz
+at::Tensor reduce_grad(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& r, const at::Tensor& scale,
+                       const at::Tensor& shift, const at::Tensor& center, at::Tensor* dz_out, Geom g, Act act,
+                       float act_param) {
   std::vector<double> sums;
   FASTCNN_DISPATCH_STORAGE(x.scalar_type(), "fastcnn_act_backward_reduce", [&] {
     const scalar_t* gp = gy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dzp = dz_out != nullptr ? dz_out->data_ptr<scalar_t>() : nullptr;
     const float *sp = fptr(scale), *tp = fptr(shift), *cp = fptr(center);
     FASTCNN_DISPATCH_ACT(act, [&] {
       bool_dispatch(g.I == 1, [&](auto lane_c) {
         bool_dispatch(rp != nullptr, [&](auto res_c) {
           constexpr bool LANE = decltype(lane_c)::value, RES = decltype(res_c)::value;
-          sums = reduce_slots(g, [&](int64_t slot) {
-            return GradE<scalar_t, ACT, LANE, RES>{gp, xp, rp, Param<LANE>(sp + slot), Param<LANE>(tp + slot),
-                                                   Param<LANE>(cp + slot), act_param};
-          });
+          auto grad = [&](auto store_c) {
+            constexpr bool STORE = decltype(store_c)::value;
+            sums = reduce_slots(g, [&](int64_t slot) {
+              return GradE<scalar_t, ACT, LANE, RES, STORE>{gp, xp, rp, dzp, Param<LANE>(sp + slot),
+                                                            Param<LANE>(tp + slot), Param<LANE>(cp + slot),
+                                                            act_param};
+            });
+          };
+          if constexpr (RES) {
+            bool_dispatch(dzp != nullptr, grad);
+          } else {
+            grad(std::false_type{});
+          }
         });
       });
     });
@@ -641,6 +688,40 @@ at::Tensor act_backward_reduce(const at::Tensor& gy, const at::Tensor& x, const 
   float* op = out.data_ptr<float>();
   for (int64_t k = 0; k < 2 * P; ++k) op[k] = static_cast<float>(sums[k]);
   return out;
+}
+
+}  // namespace
+
+at::Tensor act_backward_reduce(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& r,
+                               const at::Tensor& scale, const at::Tensor& shift,
+                               const at::Tensor& center, Geom g, Act act, float act_param) {
+  return reduce_grad(gy, x, r, scale, shift, center, nullptr, g, act, act_param);
+}
+
+at::Tensor act_backward_reduce_dz(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& r,
+                                  const at::Tensor& scale, const at::Tensor& shift,
+                                  const at::Tensor& center, at::Tensor& dz, Geom g, Act act,
+                                  float act_param) {
+  TORCH_CHECK(r.defined() && dz.defined(), "fastcnn: act_backward_reduce_dz: writes a residual's dz");
+  return reduce_grad(gy, x, r, scale, shift, center, &dz, g, act, act_param);
+}
+
+void dz_backward_apply(const at::Tensor& dz, const at::Tensor& x, const at::Tensor& scale,
+                       const at::Tensor& center, const at::Tensor& alpha, const at::Tensor& beta,
+                       at::Tensor& gx, Geom g) {
+  FASTCNN_DISPATCH_STORAGE(x.scalar_type(), "fastcnn_dz_backward_apply", [&] {
+    const scalar_t* dp = dz.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* gxp = gx.data_ptr<scalar_t>();
+    const float *sp = fptr(scale), *cp = fptr(center), *ap = fptr(alpha), *bp = fptr(beta);
+    bool_dispatch(g.I == 1, [&](auto lane_c) {
+      constexpr bool LANE = decltype(lane_c)::value;
+      elementwise(g, [&](int64_t slot) {
+        return DzApplyOp<scalar_t, LANE>{dp, xp, gxp, Param<LANE>(sp + slot), Param<LANE>(cp + slot),
+                                         Param<LANE>(ap + slot), Param<LANE>(bp + slot)};
+      });
+    });
+  });
 }
 
 void act_backward_apply(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& r,

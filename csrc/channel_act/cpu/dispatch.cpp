@@ -100,5 +100,18 @@ void act_backward_apply(const at::Tensor& gy, const at::Tensor& x, const at::Ten
                    act_param);
 }
 
+at::Tensor act_backward_reduce_dz(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& r,
+                                  const at::Tensor& scale, const at::Tensor& shift,
+                                  const at::Tensor& center, at::Tensor& dz, Geom g, Act act,
+                                  float act_param) {
+  return FASTCNN_CPU_CALL(act_backward_reduce_dz, gy, x, r, scale, shift, center, dz, g, act, act_param);
+}
+
+void dz_backward_apply(const at::Tensor& dz, const at::Tensor& x, const at::Tensor& scale,
+                       const at::Tensor& center, const at::Tensor& alpha, const at::Tensor& beta,
+                       at::Tensor& gx, Geom g) {
+  FASTCNN_CPU_CALL(dz_backward_apply, dz, x, scale, center, alpha, beta, gx, g);
+}
+
 }  // namespace cpu
 }  // namespace fastcnn

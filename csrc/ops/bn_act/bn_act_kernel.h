@@ -9,7 +9,10 @@
 // eval-mode BN and conv-bias epilogue). Training forward: one statistics pass (shifted sums,
 // fp64 combine) and one normalise+residual+act pass. Backward: one reduction pass (sum dz,
 // sum dz*(x-mean)) and one elementwise pass; only x (and the residual) plus the fp32 mean/var
-// are needed.
+// are needed. Passes over memory on the CPU, counting each tensor read or written: forward 3
+// (4 with a residual), backward 5 (7 with a residual: the reduction also writes dz, the
+// residual's gradient, and the elementwise pass reads it back instead of recomputing it from
+// grad_y, x and the residual; act_backward in csrc/channel_act/channel_act.h).
 //
 // On CUDA (ChannelAct<D>::kFusedBn) the per-channel steps between the passes run in the
 // kernels (csrc/channel_act/cuda/channel_act_kernel.cu): no ATen ops, clones or casts. Kernel
@@ -213,11 +216,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward(
     return {gx, gr.defined() ? gr : no_grad_tensor(x), gw, gb};
   } else {
     const BnCoef k = bn_coef(weight, bias, mean, var_, eps);
-    const Tensor sums =
-        ChannelAct<D>::act_backward_reduce(gy, x, r, k.scale, k.shift, mean, g, a, static_cast<float>(act_param));
-    const BnGrad d = bn_grad(k, sums, g.per_slot());
-    ChannelAct<D>::act_backward_apply(gy, x, r, k.scale, k.shift, mean, d.alpha, d.beta, gx, gr, g, a,
-                                      static_cast<float>(act_param));
+    BnGrad d;
+    act_backward<D>(gy, x, r, k.scale, k.shift, mean, gx, gr, g, a, static_cast<float>(act_param),
+                    [&](const Tensor& sums) {
+                      d = bn_grad(k, sums, g.per_slot());
+                      return std::make_pair(d.alpha, d.beta);
+                    });
     return {gx, gr.defined() ? gr : no_grad_tensor(x), d.grad_weight.to(weight.scalar_type()),
             d.grad_bias.to(bias.scalar_type())};
   }

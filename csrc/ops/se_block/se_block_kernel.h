@@ -91,18 +91,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> se_block_backward(
   auto [a1, h, gate] = excite(pooled, w1, opt_f32(fc1_bias), w2, opt_f32(fc2_bias));
   const Tensor gate_flat = gate.reshape({-1}).contiguous();
   const Tensor zeros = at::zeros({N * C}, gate.options());
-  const Tensor sums =
-      ChannelAct<D>::act_backward_reduce(gy, x, r, gate_flat, zeros, zeros, g, a, static_cast<float>(act_param));
-  const Tensor dgate = sums[1].view({N, C});
-  const Tensor da2 = dgate * gate * (1 - gate);
-  const Tensor dh = at::mm(da2, w2);
-  const Tensor da1 = dh * (a1 > 0).to(at::kFloat);
-  const Tensor dpooled = at::mm(da1, w1);
-  const Tensor beta = (dpooled * (1.0 / static_cast<double>(HW))).reshape({-1}).contiguous();
   Tensor gx = empty_in_format(x, fmt);
   Tensor gr = r.defined() ? empty_in_format(x, fmt) : Tensor();
-  ChannelAct<D>::act_backward_apply(gy, x, r, gate_flat, zeros, zeros, zeros, beta, gx, gr, g, a,
-                                    static_cast<float>(act_param));
+  Tensor da1, da2;
+  act_backward<D>(gy, x, r, gate_flat, zeros, zeros, gx, gr, g, a, static_cast<float>(act_param),
+                  [&](const Tensor& sums) {
+                    const Tensor dgate = sums[1].view({N, C});
+                    da2 = dgate * gate * (1 - gate);
+                    const Tensor dh = at::mm(da2, w2);
+                    da1 = dh * (a1 > 0).to(at::kFloat);
+                    const Tensor dpooled = at::mm(da1, w1);
+                    const Tensor beta = (dpooled * (1.0 / static_cast<double>(HW))).reshape({-1}).contiguous();
+                    return std::make_pair(zeros, beta);
+                  });
   const auto b1_type = fc1_bias.has_value() ? fc1_bias->scalar_type() : fc1_weight.scalar_type();
   const auto b2_type = fc2_bias.has_value() ? fc2_bias->scalar_type() : fc2_weight.scalar_type();
   return {gx,
